@@ -1,0 +1,114 @@
+"""Training-time augmentation, on top of the shared pipeline (numpy + Pillow, training only).
+
+Works on the cached output of :func:`edgeskin.preprocess.load_resized` (shorter side
+resized) and ends with the same :func:`edgeskin.preprocess.normalize` as evaluation, so the
+only difference between a training and an evaluation tensor is the augmentation itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import PreprocessConfig, _INTERPOLATION, normalize
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random resized crop, flips, rotations and colour jitter (the published recipe)."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    rotation_degrees: float = 0.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["scale"] = list(self.scale)
+        d["ratio"] = list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentConfig":
+        kw = dict(d)
+        kw["scale"] = tuple(kw.get("scale", (0.6, 1.0)))
+        kw["ratio"] = tuple(kw.get("ratio", (3 / 4, 4 / 3)))
+        return cls(**kw)
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop, torchvision's RandomResizedCrop rule."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centred crop within the ratio bounds.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _jitter(arr: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    x = arr.astype(np.float32)
+    if cfg.brightness > 0:
+        x = x * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    gray_w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if cfg.contrast > 0:
+        mean = float((np.clip(x, 0, 255) @ gray_w).mean())
+        f = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        x = (x - mean) * f + mean
+    if cfg.saturation > 0:
+        gray = (np.clip(x, 0, 255) @ gray_w)[..., None]
+        f = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+        x = (x - gray) * f + gray
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def augment(
+    resized: np.ndarray, pre: PreprocessConfig, cfg: AugmentConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """A random training view of one image: HWC uint8 in, normalised float32 out."""
+    h, w = resized.shape[:2]
+    top, left, ch, cw = random_resized_crop_box(h, w, cfg.scale, cfg.ratio, rng)
+    img = Image.fromarray(resized)
+    img = img.resize(
+        (pre.size, pre.size), _INTERPOLATION[pre.interpolation],
+        box=(left, top, left + cw, top + ch),
+    )
+    if cfg.rotation_degrees > 0:
+        angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+        img = img.rotate(angle, resample=Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if cfg.hflip and rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    if cfg.vflip and rng.random() < 0.5:
+        arr = arr[::-1]
+    if cfg.rot90:
+        k = int(rng.integers(0, 4))
+        if k:
+            arr = np.rot90(arr, k)
+    arr = _jitter(np.ascontiguousarray(arr), cfg, rng)
+    return normalize(arr, pre)

@@ -1,0 +1,298 @@
+"""The ``edgeskin`` command line: builds configs, calls the API, prints with rich."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, DataError, EdgeskinError
+
+app = typer.Typer(
+    name="edgeskin",
+    help="Take skin-lesion classifier ensembles to the edge: train, evaluate (and, in later "
+    "releases, distill, quantize, compile, bench, predict).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edgeskin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+) -> None:
+    """edgeskin: train, distill, quantize, compile and bench skin-lesion classifiers for devices."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+
+
+# ----------------------------------------------------------------- shared helpers
+
+def resolve_data(data: Optional[Path]) -> Path:
+    """--data, then $EDGESKIN_DATA; says which it used."""
+    if data is not None:
+        err.print(f"[dim]data: {data} (--data)[/dim]")
+        return data
+    env = os.environ.get("EDGESKIN_DATA")
+    if env:
+        err.print(f"[dim]data: {env} (EDGESKIN_DATA)[/dim]")
+        return Path(env)
+    raise DataError("no data given", "pass --data DIR (e.g. ../shared/data/ham10000) or set EDGESKIN_DATA")
+
+
+def _reporter(quiet: bool = False):  # noqa: ANN202
+    from .progress import RichReporter
+
+    return RichReporter(err, quiet=quiet)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else f"{100 * float(x):.1f}"
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a list of numbers", "e.g. 0.7,0.1,0.2") from None
+    if len(vals) != n:
+        raise ConfigError(f"{what} needs {n} numbers, got {len(vals)}", "e.g. 0.7,0.1,0.2")
+    return vals
+
+
+def _load_data(data: Optional[Path], images: Optional[List[Path]], skip_bad: bool):  # noqa: ANN202
+    from .data import load_dataset
+
+    ds = load_dataset(resolve_data(data), image_dirs=images or None, skip_bad=skip_bad)
+    for item in ds.skipped:
+        err.print(f"[yellow]skipped[/yellow] {item.where}: {item.reason}")
+    if ds.skipped:
+        err.print(f"[yellow]{len(ds.skipped)} item(s) skipped (--skip-bad)[/yellow]")
+    return ds
+
+
+def split_table(split: Any) -> Table:
+    from .labels import HAM10000_CODES
+
+    counts = split.counts()
+    t = Table(title="Split (images per class)")
+    t.add_column("split")
+    for c in HAM10000_CODES:
+        t.add_column(c, justify="right")
+    t.add_column("images", justify="right")
+    t.add_column("lesions", justify="right")
+    for name, row in counts.items():
+        lesions = {split.lesion_of[i] for i in split.ids(name)}
+        t.add_row(name, *[str(row[c]) for c in HAM10000_CODES], str(sum(row.values())), str(len(lesions)))
+    return t
+
+
+def metrics_tables(reports: dict[str, dict[str, Any]], title: str) -> list[Table]:
+    first = next(iter(reports.values()))
+    codes = first["class_order"]
+    pos = first.get("positive_class", "mel")
+    t = Table(title=title)
+    for col in ("model", "top-1", "top-2", "top-3", "bal.acc", f"{pos} sens", f"{pos} spec", "ECE", "n"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in reports.items():
+        t.add_row(name, _pct(r["top1"]), _pct(r["top2"]), _pct(r["top3"]), _pct(r["balanced_accuracy"]),
+                  _pct(r.get(f"{pos}_sensitivity")), _pct(r.get(f"{pos}_specificity")),
+                  f"{float(r['ece']):.3f}", str(r["n"]))
+    rc = Table(title="Per-class recall (%)")
+    rc.add_column("model")
+    for c in codes:
+        rc.add_column(c, justify="right")
+    for name, r in reports.items():
+        rc.add_row(name, *[_pct(r["per_class"][c]["recall"]) for c in codes])
+    last_name, last = list(reports.items())[-1]
+    cm = Table(title=f"Confusion matrix, {last_name} (rows: true, columns: predicted)")
+    cm.add_column("true \\ pred")
+    for c in codes:
+        cm.add_column(c, justify="right")
+    for c, row in zip(codes, last["confusion_matrix"]):
+        cm.add_row(c, *map(str, row))
+    pc = Table(title=f"Per-class metrics, {last_name} (%)")
+    for col in ("class", "recall", "precision", "F1", "support"):
+        pc.add_column(col, justify="left" if col == "class" else "right")
+    for c in codes:
+        m = last["per_class"][c]
+        pc.add_row(c, _pct(m["recall"]), _pct(m["precision"]), _pct(m["f1"]), str(int(m["support"] or 0)))
+    return [t, rc, pc, cm]
+
+
+# ----------------------------------------------------------------- commands
+
+@app.command()
+def split(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="HAM10000 folder or metadata CSV, ISIC 2018 ground-truth CSV, or a folder per class. Default: $EDGESKIN_DATA."),
+    output: Path = typer.Option(..., "--out", "-o", help="Split file to write (CSV: image_id,lesion_id,dx,split)."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata. Repeatable."),
+    seed: int = typer.Option(0, help="Seed of the shuffle (the split is a pure function of data and seed)."),
+    fractions: str = typer.Option("0.7,0.1,0.2", help="Train,val,test fractions of each class's lesions."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows instead of stopping."),
+) -> None:
+    """Make a lesion-disjoint, class-stratified train/val/test split and write it to a file."""
+    from .data import make_split, write_split
+
+    ds = _load_data(data, images, skip_bad)
+    s = make_split(ds, fractions=_floats(fractions, 3, "--fractions"), seed=seed)  # type: ignore[arg-type]
+    write_split(s, output)
+    out.print(split_table(s))
+    out.print(f"wrote {output} ({len(s.assignment)} images, seed {seed})")
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
+    output: Path = typer.Option(..., "--out", "-o", help="Ensemble folder to write (member0.pt/.json, ...). Re-running resumes."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: OUT/split.csv, made from --split-seed if missing."),
+    split_seed: int = typer.Option(0, help="Seed for a new split when none is given."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
+    preset: str = typer.Option("quick", help="tiny | quick | reference | published: defaults that the options below override."),
+    members: int = typer.Option(3, help="Number of ensemble members (different seeds)."),
+    arch: Optional[str] = typer.Option(None, help="resnet50 (default) | resnet18 | mobilenet_v3_large."),
+    labels: str = typer.Option("ham10000", help="ham10000 (7 classes) or binary (malignant = mel, bcc, akiec)."),
+    size: Optional[int] = typer.Option(None, help="Input size in pixels (224 published; 112 quick)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per member."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    loss: Optional[str] = typer.Option(None, help="wce | focal | ce, or a comma list, one per member. Default: wce, focal, wce, ..."),
+    focal_gamma: float = typer.Option(2.0, help="Focal loss gamma (alpha = the class weights)."),
+    pretrained: str = typer.Option("auto", help="auto (torchvision's cache if present) | none | FILE of ImageNet weights."),
+    freeze_epochs: Optional[int] = typer.Option(None, help="Epochs with the backbone frozen. Default: 2 if pretrained, else 0."),
+    finetune_stages: str = typer.Option("auto", help="Stages trained after the warm-up: auto | all | N (the last N)."),
+    patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
+    seed: int = typer.Option(0, help="Seed of member 0 (member i uses seed + i)."),
+    bf16: str = typer.Option("auto", help="bfloat16 autocast: auto (if the CPU has it) | on | off."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
+) -> None:
+    """Train an ensemble of ResNet50 members (class-weighted CE / focal loss) on a lesion-disjoint split.
+
+    Works under `torchrun --nproc-per-node N -m edgeskin train ...` (DistributedDataParallel).
+    """
+    from .data import make_split, read_split, write_split
+    from .train import PRESETS, TrainConfig, train_ensemble
+    from .train.loop import dist_info, init_distributed_from_env
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    kw: dict[str, Any] = dict(PRESETS[preset])
+    for k, v in {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lr": lr}.items():
+        if v is not None:
+            kw[k] = v
+    losses = [s.strip() for s in loss.split(",")] if loss else None
+    if losses and len(losses) == 1:
+        losses = losses * members
+    pre = None if pretrained in ("auto", "none") else str(Path(pretrained))
+    cfg = TrainConfig(labels=labels, focal_gamma=focal_gamma,
+                      pretrained=pre or (None if pretrained == "none" else "auto"),
+                      freeze_epochs=freeze_epochs, finetune_stages=finetune_stages, patience=patience,
+                      seed=seed, bf16=bf16, **{**kw, **({"steps_per_epoch": steps_per_epoch} if steps_per_epoch else {})})
+    init_distributed_from_env()
+    rank, world = dist_info()
+    ds = _load_data(data, images, skip_bad)
+    split_path = split_file or output / "split.csv"
+    if split_path.is_file():
+        s = read_split(split_path)
+    elif split_file is not None:
+        raise DataError(f"{split_file}: split file not found", "make one with `edgeskin split`")
+    else:
+        s = make_split(ds, seed=split_seed)
+        if rank == 0:
+            write_split(s, split_path)
+            err.print(f"wrote split {split_path}")
+    if rank == 0:
+        out.print(split_table(s))
+        err.print(f"training {members} × {cfg.arch} at {cfg.size} px, ≤{cfg.epochs} epochs"
+                  + (f", {world} processes" if world > 1 else ""))
+    results = train_ensemble(cfg, dataset=ds, split=s, out_dir=output, members=members, losses=losses,
+                             seeds=[seed + i for i in range(members)], reporter=_reporter(quiet=rank != 0),
+                             skip_bad=skip_bad)
+    if rank == 0:
+        t = Table(title=f"Trained members ({output})")
+        for col in ("member", "best epoch", "val balanced %", "epochs run", "resumed"):
+            t.add_column(col)
+        for i, r in enumerate(results):
+            t.add_row(f"member{i}", str(r.best_epoch), _pct(r.best_score), str(len(r.history)),
+                      "skipped (done)" if r.skipped else ("yes" if r.resumed_from else "no"))
+        out.print(t)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Ensemble folder (or one member's .json)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set. Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: MODEL/split.csv."),
+    on: str = typer.Option("test", "--on", help="Which split: train | val | test."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
+    batch_size: int = typer.Option(64, help="Inference batch size."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
+) -> None:
+    """Evaluate a model or ensemble: top-1/2/3, balanced accuracy, per-class metrics, confusion
+    matrix, melanoma sensitivity/specificity, calibration error."""
+    from .data import read_split
+    from .evaluate import evaluate as run_eval
+    from .models.checkpoint import write_json
+
+    ds = _load_data(data, images, skip_bad)
+    if split_file is None:
+        cand = (model if model.is_dir() else model.parent) / "split.csv"
+        if not cand.is_file():
+            raise DataError(f"no split file given and none at {cand}",
+                            "pass --split FILE (the one the model was trained with)")
+        split_file = cand
+    s = read_split(split_file)
+    ev = run_eval(model, dataset=ds, split=s, split_name=on, batch_size=batch_size,
+                  reporter=_reporter(), skip_bad=skip_bad)
+    for t in metrics_tables(ev.reports, f"{model} on the {on} split ({len(ev.image_ids)} images)"):
+        out.print(t)
+    if json_out is not None:
+        write_json(json_out, ev.to_dict())
+        out.print(f"wrote {json_out}")
+
+
+def main() -> None:
+    """Console entry point: project errors become a message, a hint and exit code 2."""
+    try:
+        app()
+    except EdgeskinError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc.message}")
+        if exc.hint:
+            err.print(f"[yellow]hint:[/yellow] {exc.hint}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Full-precision evaluation of a model or an ensemble on one split of a data set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset, Split, decode_dataset
+from .labels import LabelSet
+from .metrics import classification_report
+from .progress import NullReporter, Reporter
+
+
+@dataclass
+class Evaluation:
+    """Per-member and ensemble reports; ``probs`` keeps the raw predictions for later stages."""
+
+    split: str
+    labels: LabelSet
+    image_ids: list[str]
+    targets: np.ndarray
+    reports: dict[str, dict[str, Any]]
+    probs: dict[str, np.ndarray]
+    skipped: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "n": len(self.image_ids), "class_order": list(self.labels.codes),
+                "results": self.reports, "skipped": self.skipped}
+
+
+def evaluate(
+    model: str | os.PathLike,
+    *,
+    dataset: Dataset,
+    split: Split | None,
+    split_name: str = "test",
+    batch_size: int = 64,
+    reporter: Reporter | None = None,
+    skip_bad: bool = False,
+) -> Evaluation:
+    """Evaluate every member of ``model`` (an ensemble folder or one checkpoint) and, with more
+    than one member, the ensemble (mean of softmax), on ``split_name`` of ``dataset``."""
+    import torch
+
+    from .models import load_ensemble, predict_probs
+    from .train.loop import labels_of
+
+    reporter = reporter or NullReporter()
+    members = load_ensemble(Path(model))
+    labels = members[0].labels
+    pre = members[0].preprocess
+    subset = split.apply(dataset, split_name) if split is not None else dataset
+    reporter.start(f"decoding {split_name} images", len(subset))
+    subset, arrays = decode_dataset(subset, pre, skip_bad=skip_bad, progress=reporter.advance)
+    reporter.stop()
+    from .train.loop import eval_tensors
+
+    x = eval_tensors(arrays, pre)
+    y = labels_of(subset, labels)
+    probs: dict[str, np.ndarray] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        for m in members:
+            reporter.start(f"evaluating {m.name}", len(x))
+            probs[m.name] = predict_probs(m.model, x, batch_size=batch_size, progress=reporter.advance)
+            reporter.stop()
+            reports[m.name] = classification_report(probs[m.name], y, labels.codes)
+    if len(members) > 1:
+        ens = np.mean([probs[m.name] for m in members], axis=0)
+        probs["ensemble"] = ens
+        reports["ensemble"] = classification_report(ens, y, labels.codes)
+    return Evaluation(split_name, labels, [s.image_id for s in subset.samples], y, reports, probs,
+                      [f"{s.where}: {s.reason}" for s in subset.skipped])

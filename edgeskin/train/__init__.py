@@ -1,0 +1,10 @@
+"""Training (torch): losses, the shared fit loop, ensembles of members, DDP."""
+
+from .config import PRESETS, TrainConfig
+from .losses import FocalLoss, class_weights, distillation_kl, make_loss
+from .loop import FitResult, fit, train_ensemble, train_member
+
+__all__ = [
+    "PRESETS", "TrainConfig", "FocalLoss", "class_weights", "distillation_kl", "make_loss",
+    "FitResult", "fit", "train_ensemble", "train_member",
+]
