@@ -257,8 +257,10 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Inference batch size."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
-    """Evaluate a model or ensemble: top-1/2/3, balanced accuracy, per-class metrics, confusion
-    matrix, melanoma sensitivity/specificity, calibration error."""
+    """Evaluate a model or ensemble: top-1/2/3, balanced accuracy, per-class metrics and more.
+
+    Also the confusion matrix, melanoma sensitivity/specificity and the calibration error.
+    """
     from .data import read_split
     from .evaluate import evaluate as run_eval
     from .models.checkpoint import write_json
@@ -278,6 +280,228 @@ def evaluate(
     if json_out is not None:
         write_json(json_out, ev.to_dict())
         out.print(f"wrote {json_out}")
+
+
+calib_app = typer.Typer(help="Calibration sets for INT8 quantization.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect, verify and pack bundles.", no_args_is_help=True)
+app.add_typer(calib_app, name="calib")
+app.add_typer(bundle_app, name="bundle")
+
+
+def _split_for(data_split: Optional[Path], model: Optional[Path]) -> Path:
+    if data_split is not None:
+        return data_split
+    if model is not None:
+        cand = (model if model.is_dir() else model.parent) / "split.csv"
+        if cand.is_file():
+            return cand
+    raise DataError("no split file given", "pass --split FILE (the split the model was trained with)")
+
+
+@calib_app.command("make")
+def calib_make(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set. Default: $EDGESKIN_DATA."),
+    split_file: Path = typer.Option(..., "--split", help="Split file; images are drawn from its train split."),
+    size: int = typer.Option(512, help="Number of images (at least 300 unless --force)."),
+    seed: int = typer.Option(0, help="Seed of the draw."),
+    name: Optional[str] = typer.Option(None, help="Name (default: train-SIZE-seedSEED-HASH)."),
+    out_dir: Path = typer.Option(Path("calibration"), "--out-dir", help="Folder for the manifest."),
+    source_split: str = typer.Option("train", "--from", help="Split to draw from (anything but train needs --force)."),
+    force: bool = typer.Option(False, "--force", help="Accept a small set, a missing class or a non-train split; recorded in the manifest."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
+) -> None:
+    """Draw a deterministic, class-stratified calibration set from the training split."""
+    from .calibration import make_calibration_set, write_calibration_set
+    from .data import read_split
+
+    ds = _load_data(data, images, False)
+    cal = make_calibration_set(ds, read_split(split_file), size=size, seed=seed, name=name,
+                               source_split=source_split, force=force)
+    path = write_calibration_set(cal, out_dir)
+    t = Table(title=f"Calibration set {cal.name}")
+    t.add_column("class")
+    t.add_column("images", justify="right")
+    for c, n in cal.manifest["class_counts"].items():
+        t.add_row(c, str(n))
+    out.print(t)
+    if cal.manifest["forced"]:
+        err.print(f"[yellow]forced:[/yellow] {'; '.join(cal.manifest['forced_reasons'])}")
+    out.print(f"wrote {path} ({len(cal.image_ids)} images, sha256 {cal.sha256[:12]})")
+
+
+@app.command()
+def targets() -> None:
+    """List the compile targets, their aliases and precisions."""
+    from .targets import available_targets
+
+    t = Table(title="Targets")
+    for col in ("target", "aliases", "precisions", "needs calibration", "extras", "what"):
+        t.add_column(col)
+    for tg in available_targets():
+        t.add_row(tg.name, ", ".join(tg.aliases), ", ".join(tg.precisions), ", ".join(tg.needs_calibration) or "-",
+                  ", ".join(tg.extras), tg.description)
+    out.print(t)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Path = typer.Argument(..., help="A checkpoint (.json), or a folder with one model (or use --member)."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Target name (see `edgeskin targets`)."),
+    precision: str = typer.Option("int8", "--precision", "-p", help="fp32 | int8 (what the target offers)."),
+    output: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (NAME.edgeskin)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set for verification/calibration. Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file (default: MODEL's split.csv)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (calibration/NAME.json); needed for int8."),
+    member: Optional[str] = typer.Option(None, help="Member of an ensemble folder to compile (e.g. member2)."),
+    max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points vs FP32 on val: top1=0.5,balanced=1.5,mel_recall=2."),
+    min_agreement: float = typer.Option(0.97, help="Smallest top-1 agreement with FP32 on val."),
+    subset_size: int = typer.Option(512, help="Calibration images NNCF uses."),
+    fast_bias_correction: bool = typer.Option(True, "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction flavour."),
+    preset: str = typer.Option("performance", help="NNCF preset: performance | mixed."),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Node name (or type:OpType) to keep in float. Repeatable."),
+    head_float: bool = typer.Option(True, "--head-float/--head-int8", help="Keep the classifier layer in float."),
+    range_estimator: str = typer.Option("minmax", help="Activation ranges: minmax | mean_minmax | median_minmax | mean_no_outliers_minmax | mean_quantile."),
+    accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", help="Accuracy-controlled INT8: keep sensitive layers in float until mean(balanced acc., mel recall) on val drops at most this (0-1)."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
+    force: bool = typer.Option(False, "--force", help="Write the bundle even if it misses the budget (recorded in the manifest)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
+) -> None:
+    """Compile one model for a target into a self-describing, hash-verified bundle.
+
+    The compiled artefact is checked against FP32 on the validation split first.
+    """
+    from .calibration import read_calibration_set
+    from .data import read_split
+    from .quantize import QuantizeOptions
+    from .targets import Budget, get_target
+
+    tg = get_target(target)
+    tg.check_precision(precision)
+    budget = Budget.parse(max_drop, min_agreement)
+    ds = _load_data(data, None, False)
+    s = read_split(_split_for(split_file, model))
+    cal = read_calibration_set(calib) if calib else None
+    q = QuantizeOptions(subset_size=subset_size, fast_bias_correction=fast_bias_correction, preset=preset,
+                        ignored=tuple(ignore or ()), keep_head_float=head_float, range_estimator=range_estimator,
+                        max_drop=accuracy_control)
+    res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
+                     budget=budget, quantize=q, opset=opset, force=force, overwrite=overwrite, threads=threads,
+                     reporter=_reporter())
+    c = res.check
+    t = Table(title=f"{tg.name}/{precision} vs FP32 on the validation split ({c['n']} images)")
+    for col in ("metric", "FP32", "compiled", "drop (points)", "budget"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    pos = "mel_sensitivity" if "mel_sensitivity" in c["fp32"] else "malignant_sensitivity"
+    for key, label, dk in (("top1", "top-1", "top1"), ("balanced_accuracy", "balanced acc.", "balanced"),
+                           (pos, "mel recall" if pos == "mel_sensitivity" else "malignant recall", "mel_recall")):
+        t.add_row(label, _pct(c["fp32"][key]), _pct(c["compiled"][key]), f"{c['drops_points'][dk]:.2f}",
+                  f"≤ {c['budget'][dk]}")
+    t.add_row("top-1 agreement", "", _pct(c["top1_agreement"]), "", f"≥ {100 * c['budget']['min_agreement']:.0f}")
+    out.print(t)
+    size = sum(f["bytes"] for f in res.manifest.files.values())
+    status = "[yellow]FORCED past its budget[/yellow]" if res.forced else "[green]within budget[/green]"
+    out.print(f"wrote {res.bundle} ({size / 1e6:.1f} MB, {status})")
+
+
+@bundle_app.command("verify")
+def bundle_verify(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")) -> None:
+    """Check a bundle: schema version, manifest, and the sha256 of every file."""
+    from .bundle import BundleReader
+
+    r = BundleReader(bundle)
+    names = r.verify()
+    m = r.manifest
+    out.print(f"[green]ok[/green] {bundle}: schema {m.schema_version}, target {m.target}/{m.precision}, "
+              f"{len(names)} files verified ({', '.join(names)})")
+
+
+@bundle_app.command("pack")
+def bundle_pack(bundle: Path = typer.Argument(..., help="Bundle folder."),
+                output: Optional[Path] = typer.Option(None, "--out", "-o", help="Zip to write (default: BUNDLE.zip).")) -> None:
+    """Zip a verified bundle folder (the runtime loads the zip directly)."""
+    from .bundle import pack_bundle
+
+    path = pack_bundle(bundle, output)
+    out.print(f"wrote {path}")
+
+
+@bundle_app.command("show")
+def bundle_show(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")) -> None:
+    """Print a bundle's manifest."""
+    from .bundle import BundleReader
+
+    out.print_json(json.dumps(BundleReader(bundle).manifest.to_dict()))
+
+
+@app.command()
+def selftest(
+    bundle: Path = typer.Argument(..., help="Bundle folder or zip."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+) -> None:
+    """Re-run the bundle's golden inputs on this machine and compare with the compile-time outputs."""
+    from .runtime import selftest as run_selftest
+
+    r = run_selftest(bundle, threads=threads)
+    msg = (f"{r.n} golden inputs, max |Δp| {r.max_abs_diff:.2e} (tolerance {r.tolerance:.0e}), "
+           f"top-1 agreement {100 * r.top1_agreement:.0f}%")
+    if not r.passed:
+        raise EdgeskinError(f"selftest FAILED: {msg}; worst input #{r.worst_index} ({r.worst_id})",
+                            "the engine on this device computes differently from the compile machine; "
+                            "rebuild the bundle for this device or check the runtime version")
+    out.print(f"[green]selftest passed[/green]: {msg}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder or zip."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per image)."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+) -> None:
+    """Top-k labels with probabilities for each image.
+
+    Bad files are reported and skipped; the exit code is 1 when any failed.
+    """
+    from .data.readers import IMAGE_EXTENSIONS
+    from .runtime import load
+
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            files.append(p)
+    if not files:
+        raise DataError("no images given", "pass image files or folders holding .jpg/.png images")
+    pred = load(bundle, threads=threads)
+    results: list[dict[str, Any]] = []
+    failed = 0
+    for f in files:
+        try:
+            r = pred.predict(f, top_k=top_k)  # one image per run: results never depend on the batch
+            results.append(r.to_dict())  # type: ignore[union-attr]
+        except EdgeskinError as exc:
+            failed += 1
+            results.append({"source": str(f), "error": exc.message, "hint": exc.hint})
+    if as_json:
+        out.print_json(json.dumps(results))
+    else:
+        t = Table(title=f"{bundle} ({pred.manifest.target}/{pred.manifest.precision})")
+        t.add_column("image")
+        for i in range(top_k):
+            t.add_column(f"#{i + 1}")
+        for r in results:
+            if "error" in r:
+                t.add_row(r["source"], f"[red]error[/red]: {r['error']}", *[""] * (top_k - 1))
+            else:
+                cells = [f"{x['label']} {100 * x['probability']:.1f}%" for x in r["top"]]
+                t.add_row(r["source"], *cells, *[""] * (top_k - len(cells)))
+        out.print(t)
+    if failed:
+        err.print(f"[red]{failed} of {len(files)} image(s) failed[/red]")
+        raise typer.Exit(1)
 
 
 def main() -> None:

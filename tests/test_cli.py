@@ -127,3 +127,18 @@ def test_evaluate_reproduces_reference_metrics(ham_data, reference_model, tmp_pa
         for key in ("top1", "top2", "top3", "balanced_accuracy"):
             assert abs(ours[name][key] - t[key]) <= 0.01, (name, key, ours[name][key], t[key])
         assert abs(ours[name]["mel_sensitivity"] - t["mel_recall"]) <= 0.01
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_readme_main_command_runs(ham_data, tmp_path):
+    """The README's main-job command, end to end (tiny preset to keep CI short)."""
+    readme = (REPO / "README.md").read_text()
+    assert "bash scripts/main.sh" in readme and "bash scripts/test.sh" in readme
+    env = {**os.environ, "EDGESKIN_DATA": str(ham_data), "OUT": str(tmp_path / "main"), "PRESET": "tiny"}
+    r = subprocess.run(["bash", "scripts/main.sh"], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "main" / "test_metrics.json").read_text())
+    assert set(metrics["results"]) == {"member0", "member1", "member2", "ensemble"}
+    assert metrics["split"] == "test" and metrics["n"] > 700

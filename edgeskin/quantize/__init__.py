@@ -1,0 +1,5 @@
+"""INT8 post-training quantization of ONNX models with NNCF (ONNX backend; no torch needed)."""
+
+from .nncf_int8 import QuantizeOptions, quantize_onnx
+
+__all__ = ["QuantizeOptions", "quantize_onnx"]

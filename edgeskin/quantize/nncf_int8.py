@@ -1,0 +1,131 @@
+"""NNCF INT8 quantization of an ONNX model, in the form ONNX Runtime's CPU kernels run fast.
+
+NNCF's default output is what ORT fuses into QLinearConv: per-channel symmetric INT8 weights
+and UINT8 activations after ReLU. Options cover the calibration subset, fast vs full bias
+correction, an ignored scope (layers kept in float), the preset, the activation range
+estimator, and an accuracy-controlled mode that keeps the most sensitive layers in float until
+a validation metric (mean of balanced accuracy and melanoma recall) is within ``max_drop``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+RANGE_ESTIMATORS = ("minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    subset_size: int = 512
+    #: NNCF's full BiasCorrection fails on ONNX models under onnxruntime 1.31 (a model it builds
+    #: references a removed node output), so the fast variant is the default
+    fast_bias_correction: bool = True
+    preset: str = "performance"
+    #: node names (or types, prefixed ``type:``) kept in float
+    ignored: tuple[str, ...] = ()
+    #: keep the classifier (the final Gemm/MatMul) in float: logits of trained models have
+    #: rare large outliers that per-tensor ranges handle badly
+    keep_head_float: bool = True
+    range_estimator: str = "minmax"
+    overflow_fix: str = "disable"
+    #: accuracy-controlled mode: maximum drop (absolute, 0-1) of the validation metric
+    max_drop: float | None = None
+    max_float_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in ("performance", "mixed"):
+            raise ConfigError(f"unknown preset {self.preset!r}", "choose performance or mixed")
+        if self.range_estimator not in RANGE_ESTIMATORS:
+            raise ConfigError(f"unknown range estimator {self.range_estimator!r}",
+                              f"choose one of: {', '.join(RANGE_ESTIMATORS)}")
+        if self.overflow_fix not in ("disable", "enable", "first_layer_only"):
+            raise ConfigError(f"unknown overflow fix {self.overflow_fix!r}", "choose disable, enable or first_layer_only")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ignored"] = list(self.ignored)
+        return d
+
+
+def _head_nodes(model: Any) -> list[str]:
+    nodes = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    return [nodes[-1].name] if nodes else []
+
+
+def quantize_onnx(
+    model: Any,
+    calibration: Sequence[np.ndarray],
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    input_name: str = "input",
+    validation: tuple[Sequence[np.ndarray], Callable[[Any], float]] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Quantize an ``onnx.ModelProto``; ``calibration`` holds preprocessed single-image batches.
+
+    ``validation`` = (inputs, metric_fn(model_proto) -> float, higher is better) is needed for
+    the accuracy-controlled mode. Returns the quantized model and a record of what was done.
+    """
+    nncf = require("nncf", extra="compress", purpose="INT8 quantization")
+    from nncf.quantization.advanced_parameters import (AdvancedAccuracyRestorerParameters,
+                                                       AdvancedQuantizationParameters, OverflowFix)
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    names = [n for n in options.ignored if not n.startswith("type:")]
+    types = [n[5:] for n in options.ignored if n.startswith("type:")]
+    if options.keep_head_float:
+        names += [n for n in _head_nodes(model) if n not in names]
+    ignored = nncf.IgnoredScope(names=names, types=types, validate=False) if (names or types) else None
+    adv = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix(options.overflow_fix),
+        activations_range_estimator_params=getattr(RangeEstimatorParametersSet, options.range_estimator.upper()),
+    )
+    preset = nncf.QuantizationPreset.PERFORMANCE if options.preset == "performance" else nncf.QuantizationPreset.MIXED
+    cal = nncf.Dataset(list(calibration), lambda x: {input_name: x})
+    subset = min(options.subset_size, len(calibration))
+    record: dict[str, Any] = {"tool": "nncf", "nncf_version": nncf.__version__, "options": options.to_dict(),
+                              "ignored_nodes": names, "calibration_samples": subset}
+    try:
+        return _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,
+                    AdvancedAccuracyRestorerParameters)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a toolchain failure becomes a clear error
+        from ..targets.base import CompileError
+
+        raise CompileError(f"NNCF quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                           "try --fast-bias-correction, another --range-estimator, or fewer --ignore entries") from exc
+
+
+def _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,  # noqa: ANN001, ANN202
+         AdvancedAccuracyRestorerParameters):  # noqa: N803
+    if options.max_drop is None:
+        q = nncf.quantize(model, cal, preset=preset, subset_size=subset,
+                          fast_bias_correction=options.fast_bias_correction, ignored_scope=ignored,
+                          advanced_parameters=adv)
+        record["mode"] = "post-training"
+        return q, record
+    if validation is None:
+        raise ConfigError("accuracy-controlled quantization needs a validation set",
+                          "pass the data and split, or drop --max-drop")
+    inputs, metric_fn = validation
+    val = nncf.Dataset(list(inputs), lambda x: {input_name: x})
+
+    def validation_fn(m: Any, _data: Any) -> float:
+        return float(metric_fn(m))
+
+    restorer = AdvancedAccuracyRestorerParameters(
+        max_num_iterations=options.max_float_layers if options.max_float_layers is not None else 0x7FFFFFFF)
+    q = nncf.quantize_with_accuracy_control(
+        model, cal, val, validation_fn, max_drop=options.max_drop, preset=preset, subset_size=subset,
+        fast_bias_correction=options.fast_bias_correction, ignored_scope=ignored,
+        advanced_quantization_parameters=adv, advanced_accuracy_restorer_parameters=restorer)
+    record["mode"] = "accuracy-control"
+    return q, record

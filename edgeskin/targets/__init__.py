@@ -1,0 +1,7 @@
+"""Compile targets: one module per target, registered by name (``cpu``; more to come)."""
+
+from .base import Budget, CompileResult, Target, CompileError
+from .registry import available_targets, get_target, register
+from . import cpu as _cpu  # noqa: F401  (registers the target)
+
+__all__ = ["Budget", "CompileResult", "Target", "CompileError", "available_targets", "get_target", "register"]

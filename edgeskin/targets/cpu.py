@@ -1,0 +1,137 @@
+"""Target ``cpu`` (aliases ``onnx``, ``ort``, ``onnxruntime``): ONNX Runtime on the host CPU.
+
+fp32: the exported ONNX graph. int8: NNCF post-training quantization (per-channel INT8
+weights, UINT8 activations: the QDQ form ORT fuses into its integer kernels), optionally
+accuracy-controlled.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import InputSpec
+from ..calibration import CalibrationSet
+from ..data import Dataset, Split
+from ..errors import ConfigError, require
+from ..progress import NullReporter, Reporter
+from ..quantize import QuantizeOptions
+from .base import Budget, CompileResult, Target, base_manifest, labels_txt, verify_and_write
+from .prepare import calibration_inputs, prepare
+from .registry import register
+
+
+def toolchain_versions(*modules: str) -> dict[str, str]:
+    import importlib
+
+    out = {}
+    for m in modules:
+        try:
+            out[m] = str(importlib.import_module(m).__version__)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    aliases = ("onnx", "ort", "onnxruntime")
+    precisions = ("fp32", "int8")
+    needs_calibration = ("int8",)
+    extras = ("compress", "runtime")
+    engine = "onnxruntime"
+    description = "host CPU through ONNX Runtime (fp32, or NNCF INT8 in ORT's fast QDQ form)"
+
+    def compile(
+        self,
+        model: str | os.PathLike,
+        *,
+        precision: str,
+        dataset: Dataset,
+        split: Split,
+        out: str | os.PathLike,
+        calibration: CalibrationSet | None = None,
+        member: str | None = None,
+        budget: Budget = Budget(),
+        quantize: QuantizeOptions = QuantizeOptions(),
+        opset: int = 17,
+        force: bool = False,
+        overwrite: bool = False,
+        threads: int | None = None,
+        golden_n: int = 8,
+        reporter: Reporter | None = None,
+    ) -> CompileResult:
+        self.check_precision(precision)
+        onnx = require("onnx", extra="compress", purpose="compiling for the cpu target")
+        reporter = reporter or NullReporter()
+        if precision in self.needs_calibration and calibration is None:
+            raise ConfigError(f"{self.name}/{precision} needs a calibration set",
+                              "make one with `edgeskin calib make` and pass --calib calibration/NAME.json")
+        prep = prepare(model, dataset=dataset, split=split, member=member, opset=opset, reporter=reporter,
+                       threads=threads)
+        try:
+            provenance = prep.provenance(split)
+            proto = onnx.load(prep.onnx_path)
+            if precision == "int8":
+                assert calibration is not None
+                cal = calibration_inputs(calibration, dataset, split, prep.preprocess, reporter)
+                validation = None
+                if quantize.max_drop is not None:
+                    validation = (list(prep.val_inputs[i : i + 1] for i in range(len(prep.val_inputs))),
+                                  _metric_fn(prep.val_inputs, prep.val_labels, prep.labels.codes, threads))
+                reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
+                                 + (f", accuracy control max drop {quantize.max_drop}" if quantize.max_drop is not None else "")
+                                 + ")")
+                from ..quantize import quantize_onnx
+
+                proto, record = quantize_onnx(proto, cal, quantize, validation=validation)
+                provenance["calibration"] = calibration.summary()
+                provenance["quantization"] = record
+            model_bytes = proto.SerializeToString()
+            manifest = base_manifest(
+                name=Path(out).name.removesuffix(".edgeskin"),
+                target=self.name, precision=precision,
+                engine={"name": "onnxruntime", "format": "onnx", "opset": opset,
+                        "providers": ["CPUExecutionProvider"]},
+                input=InputSpec.from_preprocess(prep.preprocess),
+                labels=tuple(prep.labels.codes), label_set=prep.labels.name, model_file="model.onnx",
+                output={"name": "logits", "kind": "logits"},
+                toolchain=toolchain_versions("torch", "onnx", "onnxruntime", "nncf", "numpy"),
+                provenance=provenance,
+            )
+            reporter.start(f"checking the {precision} artefact through the runtime", len(prep.val_inputs))
+            try:
+                res = verify_and_write(
+                    manifest=manifest, files={"model.onnx": model_bytes, "labels.txt": labels_txt(manifest.labels)},
+                    val_inputs=prep.val_inputs, val_labels=prep.val_labels, val_ids=prep.val_ids,
+                    reference_probs=prep.fp32_probs, budget=budget, out=Path(out), force=force,
+                    overwrite=overwrite, golden_n=golden_n, golden_tolerance=1e-4 if precision == "fp32" else 1e-2,
+                    threads=threads, progress=reporter.advance)
+            finally:
+                reporter.stop()
+            return res
+        finally:
+            prep.close()
+
+
+def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: int | None):  # noqa: ANN202
+    """Accuracy-control metric on the validation split: mean of balanced accuracy and melanoma
+    recall (higher is better), computed with ONNX Runtime on the candidate model."""
+    from ..metrics import classification_report
+    from ..runtime.backends import OnnxRuntimeBackend
+    from ..runtime.predictor import softmax
+
+    def metric(model: Any) -> float:
+        b = OnnxRuntimeBackend(model.SerializeToString(), threads=threads)
+        probs = softmax(np.concatenate([b.run(x[s : s + 32]) for s in range(0, len(x), 32)]))
+        r = classification_report(probs, y, codes)
+        pos = r.get("mel_sensitivity", r.get("malignant_sensitivity"))
+        return 0.5 * (float(r["balanced_accuracy"]) + float(pos))
+
+    return metric
+
+
+register(CpuTarget())
