@@ -93,6 +93,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "manifest") -> "Manifest":
+        if not isinstance(d, Mapping):
+            raise BundleError(f"{where}: malformed manifest (a JSON {type(d).__name__}, not an object)",
+                              "re-compile the bundle")
         version = str(d.get("schema_version", ""))
         try:
             major = int(version.split(".")[0])
@@ -151,6 +154,9 @@ class BundleReader:
         self.manifest = Manifest.from_dict(data, f"{self.path}/{MANIFEST}")
 
     def _raw(self, name: str) -> bytes:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):  # as write_bundle refuses
+            raise BundleError(f"{self.path}: the manifest lists an invalid file name {name!r}",
+                              "re-copy the bundle from the release")
         if self._zip is not None:
             try:
                 return self._zip.read(self._prefix + name)
@@ -244,6 +250,7 @@ def pack_bundle(folder: str | os.PathLike, out: str | os.PathLike | None = None)
     reader = BundleReader(src)
     reader.verify()
     dest = Path(out) if out else src.with_name(src.name + ".zip")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)
     try:

@@ -148,7 +148,10 @@ def resolve_calibration_images(cal: CalibrationSet, dataset: Dataset, split: Spl
     if missing:
         raise DataError(f"{where}: {len(missing)} calibration image(s) not in {dataset.source} (e.g. {missing[0]})",
                         "use the data set the calibration set was drawn from")
-    if split is not None and not cal.manifest.get("forced"):
+    # Only a set explicitly forced to draw from a non-train split may hold val/test images; a set
+    # forced for another reason (too small, a missing class) is still checked for leaks.
+    leak_accepted = bool(cal.manifest.get("forced")) and cal.manifest.get("source_split", "train") != "train"
+    if split is not None and not leak_accepted:
         leaked = [i for i in cal.image_ids if split.assignment.get(i) in ("val", "test")]
         if leaked:
             raise DataError(

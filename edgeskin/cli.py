@@ -361,7 +361,8 @@ def compile_cmd(
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Node name (or type:OpType) to keep in float. Repeatable."),
     head_float: bool = typer.Option(True, "--head-float/--head-int8", help="Keep the classifier layer in float."),
     range_estimator: str = typer.Option("minmax", help="Activation ranges: minmax | mean_minmax | median_minmax | mean_no_outliers_minmax | mean_quantile."),
-    accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", help="Accuracy-controlled INT8: keep sensitive layers in float until mean(balanced acc., mel recall) on val drops at most this (0-1)."),
+    accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", help="Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric on val drops at most this (0-1)."),
+    control_metric: str = typer.Option("agreement", help="What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of balanced acc. and mel recall)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it misses the budget (recorded in the manifest)."),
@@ -384,7 +385,7 @@ def compile_cmd(
     cal = read_calibration_set(calib) if calib else None
     q = QuantizeOptions(subset_size=subset_size, fast_bias_correction=fast_bias_correction, preset=preset,
                         ignored=tuple(ignore or ()), keep_head_float=head_float, range_estimator=range_estimator,
-                        max_drop=accuracy_control)
+                        max_drop=accuracy_control, control_metric=control_metric)
     res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
                      budget=budget, quantize=q, opset=opset, force=force, overwrite=overwrite, threads=threads,
                      reporter=_reporter())

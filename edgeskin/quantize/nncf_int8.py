@@ -39,6 +39,9 @@ class QuantizeOptions:
     #: accuracy-controlled mode: maximum drop (absolute, 0-1) of the validation metric
     max_drop: float | None = None
     max_float_layers: int | None = None
+    #: what accuracy control holds: ``agreement`` (top-1 agreement with the FP32 model) or
+    #: ``clinical`` (mean of balanced accuracy and melanoma recall), both on the validation split
+    control_metric: str = "agreement"
 
     def __post_init__(self) -> None:
         if self.preset not in ("performance", "mixed"):
@@ -46,6 +49,8 @@ class QuantizeOptions:
         if self.range_estimator not in RANGE_ESTIMATORS:
             raise ConfigError(f"unknown range estimator {self.range_estimator!r}",
                               f"choose one of: {', '.join(RANGE_ESTIMATORS)}")
+        if self.control_metric not in ("agreement", "clinical"):
+            raise ConfigError(f"unknown control metric {self.control_metric!r}", "choose agreement or clinical")
         if self.overflow_fix not in ("disable", "enable", "first_layer_only"):
             raise ConfigError(f"unknown overflow fix {self.overflow_fix!r}", "choose disable, enable or first_layer_only")
 

@@ -61,12 +61,29 @@ class Predictor:
         self.backend: Backend = make_backend(self.manifest.engine.get("name", "onnxruntime"), model,
                                              threads=threads, input_name=self.manifest.input.name)
 
+    def close(self) -> None:
+        """Release the bundle (a zip's file handle) and the engine."""
+        self.reader.close()
+        self.backend = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- inputs
     def _tensor(self, item: Input) -> np.ndarray:
         if isinstance(item, np.ndarray):
             if item.dtype == np.uint8 and item.ndim == 3 and item.shape[-1] == 3:
                 return preprocess(Image.fromarray(item), self.preprocess_config)
             if item.dtype == np.float32 and item.ndim == 3:
+                c = self.preprocess_config
+                want = (3, c.size, c.size) if c.layout == "NCHW" else (c.size, c.size, 3)
+                if item.shape != want:
+                    raise ConfigError(f"preprocessed tensor of shape {item.shape} does not fit this bundle "
+                                      f"(expects {want}, {c.layout})",
+                                      "pass an image, or a tensor made with the bundle's preprocessing")
                 return item
             raise ConfigError(f"array of shape {item.shape} and dtype {item.dtype} is not an input",
                               "pass an HWC uint8 RGB image or a preprocessed float32 tensor")

@@ -10,6 +10,7 @@ says so).
 from __future__ import annotations
 
 import io
+import math
 import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -53,8 +54,12 @@ class Budget:
                 kw[key] = float(value)
             except ValueError:
                 raise ConfigError(f"bad budget value {part!r}", "numbers are percentage points") from None
+            if not math.isfinite(kw[key]):  # nan would silently disable the check
+                raise ConfigError(f"bad budget value {part!r}", "use a finite number of percentage points")
         if min_agreement is not None:
             kw["min_agreement"] = float(min_agreement)
+            if not 0.0 <= kw["min_agreement"] <= 1.0:
+                raise ConfigError(f"--min-agreement {min_agreement} is not a fraction", "use e.g. 0.97")
         return cls(**kw)
 
 

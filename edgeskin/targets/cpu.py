@@ -81,7 +81,8 @@ class CpuTarget(Target):
                 validation = None
                 if quantize.max_drop is not None:
                     validation = (list(prep.val_inputs[i : i + 1] for i in range(len(prep.val_inputs))),
-                                  _metric_fn(prep.val_inputs, prep.val_labels, prep.labels.codes, threads))
+                                  _metric_fn(prep.val_inputs, prep.val_labels, prep.labels.codes, threads,
+                                             quantize.control_metric, prep.fp32_probs))
                 reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
                                  + (f", accuracy control max drop {quantize.max_drop}" if quantize.max_drop is not None else "")
                                  + ")")
@@ -117,9 +118,11 @@ class CpuTarget(Target):
             prep.close()
 
 
-def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: int | None):  # noqa: ANN202
-    """Accuracy-control metric on the validation split: mean of balanced accuracy and melanoma
-    recall (higher is better), computed with ONNX Runtime on the candidate model."""
+def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: int | None,  # noqa: ANN202
+               kind: str, fp32_probs: np.ndarray):
+    """Accuracy-control metric on the validation split, computed with ONNX Runtime on the
+    candidate model (higher is better): top-1 agreement with FP32 (``agreement``), or the mean
+    of balanced accuracy and melanoma recall (``clinical``)."""
     from ..metrics import classification_report
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.predictor import softmax
@@ -127,6 +130,8 @@ def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: in
     def metric(model: Any) -> float:
         b = OnnxRuntimeBackend(model.SerializeToString(), threads=threads)
         probs = softmax(np.concatenate([b.run(x[s : s + 32]) for s in range(0, len(x), 32)]))
+        if kind == "agreement":
+            return float(np.mean(probs.argmax(1) == fp32_probs.argmax(1)))
         r = classification_report(probs, y, codes)
         pos = r.get("mel_sensitivity", r.get("malignant_sensitivity"))
         return 0.5 * (float(r["balanced_accuracy"]) + float(pos))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Compile the reference model to cpu fp32 and int8 bundles and measure them on the test split.
+
+Model: --model (default: the member of ../shared/models/ham10000-r50x3-112 with the best
+*validation* balanced accuracy; a distilled student once one exists). Calibration: 512
+class-stratified training images (seed 0), manifest written to calibration/. Quantization
+options are chosen on the validation split only (see the flags); the test split is read once,
+for the table. Latency: batch 1 through edgeskin.runtime, fp32 and int8 interleaved in one
+run, warm-up then --runs timed runs each, medians reported.
+
+Writes benchmarks/results/cpu_target.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+REF = SHARED / "models" / "ham10000-r50x3-112"
+
+
+def best_reference_member(ref: Path) -> str:
+    cfg = json.loads((ref / "config.json").read_text())
+    best = max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])
+    return Path(best["file"]).stem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
+    ap.add_argument("--model", type=Path, default=REF)
+    ap.add_argument("--member", default=None)
+    ap.add_argument("--split", type=Path, default=REF / "split.csv")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-cpu"))
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--range-estimator", default="minmax")
+    ap.add_argument("--preset", default="performance")
+    ap.add_argument("--ignore", action="append", default=[])
+    ap.add_argument("--max-drop-int8", type=float, default=None)
+    ap.add_argument("--control-metric", default="agreement")
+    ap.add_argument("--results", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+
+    from edgeskin.bench import interleaved_latency
+    from edgeskin.calibration import make_calibration_set, write_calibration_set
+    from edgeskin.data import decode_dataset, load_dataset, read_split
+    from edgeskin.metrics import classification_report
+    from edgeskin.models.checkpoint import write_json
+    from edgeskin.preprocess import finish
+    from edgeskin.progress import RichReporter
+    from edgeskin.quantize import QuantizeOptions
+    from edgeskin.runtime import load
+    from edgeskin.targets import Budget, get_target
+
+    rep = RichReporter()
+    member = args.member or (best_reference_member(args.model) if (args.model / "config.json").is_file() else None)
+    ds = load_dataset(args.data)
+    split = read_split(args.split)
+    cal = make_calibration_set(ds, split, size=args.calib_size, seed=0)
+    cal_path = write_calibration_set(cal, HERE.parent / "calibration")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu = get_target("cpu")
+    q = QuantizeOptions(range_estimator=args.range_estimator, preset=args.preset, ignored=tuple(args.ignore),
+                        max_drop=args.max_drop_int8, control_metric=args.control_metric)
+    bundles, checks = {}, {}
+    for precision in ("fp32", "int8"):
+        res = cpu.compile(args.model, member=member, precision=precision, dataset=ds, split=split,
+                          out=args.out / f"{precision}.edgeskin", calibration=cal if precision == "int8" else None,
+                          quantize=q, force=True, overwrite=True, threads=args.threads, reporter=rep)
+        bundles[precision], checks[precision] = res.bundle, res.check
+
+    preds = {p: load(b, threads=args.threads) for p, b in bundles.items()}
+    pre = preds["fp32"].preprocess_config
+    test = split.apply(ds, "test")
+    test, arrays = decode_dataset(test, pre)
+    x = np.stack([finish(a, pre) for a in arrays])
+    codes = preds["fp32"].labels
+    y = np.array([codes.index(s.dx) for s in test.samples])
+    probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)]) for p, pr in preds.items()}
+    reports = {p: classification_report(pr, y, codes) for p, pr in probs.items()}
+    agreement = float(np.mean(probs["int8"].argmax(1) == probs["fp32"].argmax(1)))
+    lat = interleaved_latency({p: pr.logits for p, pr in preds.items()}, x[:1], runs=args.runs, warmup=10)
+    sizes = {p: (Path(b) / "model.onnx").stat().st_size for p, b in bundles.items()}
+    record = {
+        "model": str(args.model), "member": member, "split": str(args.split), "calibration": cal.summary(),
+        "calibration_manifest": str(cal_path.relative_to(HERE.parent)), "quantization": q.to_dict(),
+        "validation_checks": checks, "test": {p: {k: r[k] for k in ("n", "top1", "top2", "top3", "balanced_accuracy",
+                                                                    "mel_sensitivity", "ece")} for p, r in reports.items()},
+        "test_top1_agreement": agreement, "latency_ms": {p: s.to_dict() for p, s in lat.items()},
+        "fp32_over_int8_p50": lat["fp32"].p50_ms / lat["int8"].p50_ms, "model_bytes": sizes,
+        "threads": args.threads, "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                                             "platform": platform.platform()},
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "cpu_target.json", record)
+    (args.results / "cpu_target.md").write_text(markdown(record))
+    print((args.results / "cpu_target.md").read_text())
+
+
+def markdown(r: dict) -> str:
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f}"
+
+    t = r["test"]
+    lines = [
+        "# cpu target: FP32 vs INT8 (ONNX Runtime) on the reference model",
+        "",
+        f"Model: `{r['model']}` {r['member'] or ''}; split `{r['split']}`; calibration "
+        f"`{r['calibration_manifest']}` ({r['calibration']['size']} training images). Quantization options "
+        f"(chosen on the validation split): `{json.dumps(r['quantization'])}`. Produced by `benchmarks/cpu_target.py`.",
+        "",
+        f"## Test split ({t['fp32']['n']} images), in %",
+        "",
+        "| bundle | top-1 | top-2 | top-3 | balanced acc. | mel recall | ECE | model file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in ("fp32", "int8"):
+        lines.append(f"| cpu/{p} | {pct(t[p]['top1'])} | {pct(t[p]['top2'])} | {pct(t[p]['top3'])} | "
+                     f"{pct(t[p]['balanced_accuracy'])} | {pct(t[p]['mel_sensitivity'])} | {t[p]['ece']:.3f} | "
+                     f"{r['model_bytes'][p] / 1e6:.1f} MB |")
+    d = {k: 100 * (t['fp32'][k] - t['int8'][k]) for k in ("top1", "balanced_accuracy", "mel_sensitivity")}
+    lines += [
+        "",
+        f"INT8 vs FP32 on test: top-1 drop {d['top1']:.2f} points, balanced-accuracy drop "
+        f"{d['balanced_accuracy']:.2f}, melanoma-recall drop {d['mel_sensitivity']:.2f}; top-1 agreement "
+        f"**{pct(r['test_top1_agreement'])} %**.",
+        "",
+        f"Validation split (used for the compile-time check): agreement "
+        f"{pct(r['validation_checks']['int8']['top1_agreement'])} %, drops "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r['validation_checks']['int8']['drops_points'].items()) + ".",
+        "",
+        f"## Latency (batch 1, {r['threads']} threads, {r['latency_ms']['fp32']['runs']} interleaved runs each, ms)",
+        "",
+        "| bundle | p50 | p90 | p99 | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for p in ("fp32", "int8"):
+        s = r["latency_ms"][p]
+        lines.append(f"| cpu/{p} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
+    lines += ["", f"FP32 / INT8 median latency: **{r['fp32_over_int8_p50']:.2f}x** "
+              f"(CPU: {r['machine']['processor'] or r['machine']['platform']}, {r['machine']['cpus']} cores).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
