@@ -42,11 +42,14 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--range-estimator", default="minmax")
+    ap.add_argument("--range-estimator", default="mean_minmax")
     ap.add_argument("--preset", default="performance")
     ap.add_argument("--ignore", action="append", default=[])
     ap.add_argument("--max-drop-int8", type=float, default=None)
     ap.add_argument("--control-metric", default="agreement")
+    ap.add_argument("--float-fallback", type=float, default=None)
+    ap.add_argument("--fallback-max-layers", type=int, default=12)
+    ap.add_argument("--first-conv-float", action="store_true")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
 
@@ -69,8 +72,9 @@ def main() -> None:
     cal_path = write_calibration_set(cal, HERE.parent / "calibration")
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = get_target("cpu")
-    q = QuantizeOptions(range_estimator=args.range_estimator, preset=args.preset, ignored=tuple(args.ignore),
-                        max_drop=args.max_drop_int8, control_metric=args.control_metric)
+    q = QuantizeOptions(range_estimator=args.range_estimator, preset=args.preset, ignored=tuple(args.ignore), first_conv_float=args.first_conv_float,
+                        max_drop=args.max_drop_int8, control_metric=args.control_metric,
+                        fallback_agreement=args.float_fallback, fallback_max_layers=args.fallback_max_layers)
     bundles, checks = {}, {}
     for precision in ("fp32", "int8"):
         res = cpu.compile(args.model, member=member, precision=precision, dataset=ds, split=split,

@@ -17,20 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import sha256_file
 from .data import Dataset, Split
 from .errors import DataError
 from .labels import HAM10000_CODES
 
 FORMAT = "edgeskin-calibration"
 MIN_IMAGES = 300
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -101,7 +94,7 @@ def make_calibration_set(
         ss = sorted(by_class[c], key=lambda s: s.image_id)
         idx = sorted(rng.choice(len(ss), size=min(quota[c], len(ss)), replace=False))
         chosen += [ss[i] for i in idx]
-    images = [{"image_id": s.image_id, "dx": s.dx, "sha256": _file_sha256(s.path)} for s in chosen]
+    images = [{"image_id": s.image_id, "dx": s.dx, "sha256": sha256_file(s.path)} for s in chosen]
     digest = _content_hash(images)
     name = name or f"{source_split}-{len(images)}-seed{seed}-{digest[:8]}"
     manifest = {
@@ -160,7 +153,7 @@ def resolve_calibration_images(cal: CalibrationSet, dataset: Dataset, split: Spl
             )
     for im in cal.manifest["images"]:
         path = index[im["image_id"]].path
-        if _file_sha256(path) != im["sha256"]:
+        if sha256_file(path) != im["sha256"]:
             raise DataError(f"{path}: file changed since the calibration set {cal.name} was made",
                             "re-make the calibration set")
     return Dataset([index[i] for i in cal.image_ids], dataset.source, dataset.layout, dataset.lesion_grouped)

@@ -360,8 +360,11 @@ def compile_cmd(
     preset: str = typer.Option("performance", help="NNCF preset: performance | mixed."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Node name (or type:OpType) to keep in float. Repeatable."),
     head_float: bool = typer.Option(True, "--head-float/--head-int8", help="Keep the classifier layer in float."),
-    range_estimator: str = typer.Option("minmax", help="Activation ranges: minmax | mean_minmax | median_minmax | mean_no_outliers_minmax | mean_quantile."),
+    first_conv_float: bool = typer.Option(False, "--first-conv-float/--first-conv-int8", help="Keep the first convolution in float."),
+    range_estimator: str = typer.Option("mean_minmax", help="Activation ranges: mean_minmax (NNCF default) | minmax | median_minmax | mean_no_outliers_minmax | mean_quantile | histogram."),
     accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", help="Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric on val drops at most this (0-1)."),
+    fallback: Optional[float] = typer.Option(None, "--float-fallback", help="Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val reaches this (e.g. 0.98)."),
+    fallback_max_layers: int = typer.Option(12, help="At most this many quantizers kept in float by --float-fallback."),
     control_metric: str = typer.Option("agreement", help="What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of balanced acc. and mel recall)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
@@ -384,8 +387,9 @@ def compile_cmd(
     s = read_split(_split_for(split_file, model))
     cal = read_calibration_set(calib) if calib else None
     q = QuantizeOptions(subset_size=subset_size, fast_bias_correction=fast_bias_correction, preset=preset,
-                        ignored=tuple(ignore or ()), keep_head_float=head_float, range_estimator=range_estimator,
-                        max_drop=accuracy_control, control_metric=control_metric)
+                        ignored=tuple(ignore or ()), keep_head_float=head_float, first_conv_float=first_conv_float, range_estimator=range_estimator,
+                        max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
+                        fallback_max_layers=fallback_max_layers)
     res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
                      budget=budget, quantize=q, opset=opset, force=force, overwrite=overwrite, threads=threads,
                      reporter=_reporter())

@@ -8,7 +8,6 @@ ensemble is a directory of such members. The shared reference layout (``config.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bundle import sha256_file
 from ..errors import CheckpointError
 from ..labels import LabelSet, get_label_set
 from ..preprocess import PreprocessConfig
@@ -27,14 +27,6 @@ from .arch import build_model
 
 FORMAT = "edgeskin-checkpoint"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

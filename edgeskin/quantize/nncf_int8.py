@@ -19,7 +19,7 @@ from ..errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
-RANGE_ESTIMATORS = ("minmax", "mean_minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile")
+RANGE_ESTIMATORS = ("mean_minmax", "minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile", "histogram")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,12 @@ class QuantizeOptions:
     #: keep the classifier (the final Gemm/MatMul) in float: logits of trained models have
     #: rare large outliers that per-tensor ranges handle badly
     keep_head_float: bool = True
-    range_estimator: str = "minmax"
+    #: keep the first convolution in float (it sees the normalised image, whose quantization
+    #: costs this model the most agreement of any single layer)
+    first_conv_float: bool = False
+    #: activation ranges; NNCF's own default is mean_minmax (mean over samples of each sample's
+    #: min/max), which is less hostage to rare outliers than the global minmax
+    range_estimator: str = "mean_minmax"
     overflow_fix: str = "disable"
     #: accuracy-controlled mode: maximum drop (absolute, 0-1) of the validation metric
     max_drop: float | None = None
@@ -42,6 +47,10 @@ class QuantizeOptions:
     #: what accuracy control holds: ``agreement`` (top-1 agreement with the FP32 model) or
     #: ``clinical`` (mean of balanced accuracy and melanoma recall), both on the validation split
     control_metric: str = "agreement"
+    #: sensitivity-guided float fallback (edgeskin.quantize.fallback): keep the most damaging
+    #: activation quantizers in float until top-1 agreement with FP32 on val reaches this
+    fallback_agreement: float | None = None
+    fallback_max_layers: int = 12
 
     def __post_init__(self) -> None:
         if self.preset not in ("performance", "mixed"):
@@ -87,6 +96,9 @@ def quantize_onnx(
     types = [n[5:] for n in options.ignored if n.startswith("type:")]
     if options.keep_head_float:
         names += [n for n in _head_nodes(model) if n not in names]
+    if options.first_conv_float:
+        convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+        names += [c for c in convs[:1] if c not in names]
     ignored = nncf.IgnoredScope(names=names, types=types, validate=False) if (names or types) else None
     adv = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix(options.overflow_fix),

@@ -89,6 +89,19 @@ class CpuTarget(Target):
                 from ..quantize import quantize_onnx
 
                 proto, record = quantize_onnx(proto, cal, quantize, validation=validation)
+                if quantize.fallback_agreement is not None:
+                    from ..quantize import float_fallback
+
+                    reporter.message(f"float fallback towards {100 * quantize.fallback_agreement:.1f}% agreement "
+                                     "with FP32 on the validation split")
+                    proto, fb = float_fallback(proto, inputs=prep.val_inputs, fp32_probs=prep.fp32_probs,
+                                               target_agreement=quantize.fallback_agreement,
+                                               max_layers=quantize.fallback_max_layers, threads=threads,
+                                               progress=lambda m: reporter.update(m))
+                    record["float_fallback"] = fb
+                    reporter.message(f"float fallback: {len(fb['kept_float'])} activation quantizer(s) kept in "
+                                     f"float, agreement {100 * fb['start_agreement']:.2f}% -> "
+                                     f"{100 * fb['final_agreement']:.2f}%")
                 provenance["calibration"] = calibration.summary()
                 provenance["quantization"] = record
             model_bytes = proto.SerializeToString()
