@@ -115,3 +115,42 @@ def test_ddp_two_processes_gloo(tiny_ham, tmp_path):
     init, _ = build_model("resnet18", 7, pretrained=None)
     w_init = torch.cat([p.detach().flatten() for p in init.parameters()]).numpy()
     assert w0.shape == w_init.shape and not np.allclose(w0, w_init)
+
+
+def test_early_stopping_stops_after_patience(tiny_ham, tmp_path):
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    # lr 0: the validation score never improves after epoch 1, so patience 1 stops after epoch 2.
+    cfg = TrainConfig(**{**TINY, "epochs": 5, "lr": 0.0, "patience": 1})
+    [r] = train_ensemble(cfg, dataset=ds, split=split, out_dir=tmp_path / "es", members=1)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    assert r.best_epoch == 1
+
+
+def test_binary_labels_and_frozen_warmup_from_pretrained_file(tiny_ham, tmp_path):
+    import torchvision
+
+    from edgeskin.evaluate import evaluate
+
+    torch.manual_seed(5)
+    imagenet = torchvision.models.resnet18(weights=None)
+    weights = tmp_path / "imagenet_r18.pth"
+    torch.save(imagenet.state_dict(), weights)
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    cfg = TrainConfig(**{**TINY, "labels": "binary", "pretrained": str(weights), "freeze_epochs": 1,
+                         "finetune_stages": "1", "epochs": 2})
+    [r] = train_ensemble(cfg, dataset=ds, split=split, out_dir=tmp_path / "bin", members=1)
+    meta = json.loads(r.checkpoint.read_text())
+    assert meta["labels"]["codes"] == ["benign", "malignant"] and meta["num_classes"] == 2
+    assert meta["recipe"]["initialisation"] == "imagenet:imagenet_r18.pth"
+    assert meta["recipe"]["freeze_epochs"] == 1 and meta["recipe"]["finetune_stages"] == 1
+    trained = r.model
+    # The stem never trains (frozen, then outside the last stage); layer4 does after the warm-up.
+    assert torch.equal(trained.conv1.weight, imagenet.conv1.weight)
+    assert torch.equal(trained.layer3[0].conv1.weight, imagenet.layer3[0].conv1.weight)
+    assert not torch.equal(trained.layer4[0].conv1.weight, imagenet.layer4[0].conv1.weight)
+    ev = evaluate(tmp_path / "bin", dataset=ds, split=split, split_name="test")
+    rep = ev.reports["member0"]
+    assert rep["class_order"] == ["benign", "malignant"] and "malignant_sensitivity" in rep
+    assert len(rep["confusion_matrix"]) == 2

@@ -80,12 +80,13 @@ def quantize_onnx(
     options: QuantizeOptions = QuantizeOptions(),
     *,
     input_name: str = "input",
-    validation: tuple[Sequence[np.ndarray], Callable[[Any], float]] | None = None,
+    validation: tuple[Sequence[Any], Callable[[Any, Sequence[Any]], float]] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Quantize an ``onnx.ModelProto``; ``calibration`` holds preprocessed single-image batches.
 
-    ``validation`` = (inputs, metric_fn(model_proto) -> float, higher is better) is needed for
-    the accuracy-controlled mode. Returns the quantized model and a record of what was done.
+    ``validation`` = (items, metric_fn(model_proto, items) -> float, higher is better) is needed
+    for the accuracy-controlled mode. Items are ``(index, input)`` pairs: NNCF scores subsets of
+    them while ranking layers, so the metric must be computed on the items it is given. Returns the quantized model and a record of what was done.
     """
     nncf = require("nncf", extra="compress", purpose="INT8 quantization")
     from nncf.quantization.advanced_parameters import (AdvancedAccuracyRestorerParameters,
@@ -132,11 +133,11 @@ def _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_
     if validation is None:
         raise ConfigError("accuracy-controlled quantization needs a validation set",
                           "pass the data and split, or drop --max-drop")
-    inputs, metric_fn = validation
-    val = nncf.Dataset(list(inputs), lambda x: {input_name: x})
+    items, metric_fn = validation
+    val = nncf.Dataset(list(items), lambda item: {input_name: item[1]})
 
-    def validation_fn(m: Any, _data: Any) -> float:
-        return float(metric_fn(m))
+    def validation_fn(m: Any, data: Any) -> float:
+        return float(metric_fn(m, list(data)))
 
     restorer = AdvancedAccuracyRestorerParameters(
         max_num_iterations=options.max_float_layers if options.max_float_layers is not None else 0x7FFFFFFF)

@@ -80,7 +80,7 @@ class CpuTarget(Target):
                 cal = calibration_inputs(calibration, dataset, split, prep.preprocess, reporter)
                 validation = None
                 if quantize.max_drop is not None:
-                    validation = (list(prep.val_inputs[i : i + 1] for i in range(len(prep.val_inputs))),
+                    validation = ([(i, prep.val_inputs[i : i + 1]) for i in range(len(prep.val_inputs))],
                                   _metric_fn(prep.val_inputs, prep.val_labels, prep.labels.codes, threads,
                                              quantize.control_metric, prep.fp32_probs))
                 reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
@@ -140,12 +140,20 @@ def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: in
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.predictor import softmax
 
-    def metric(model: Any) -> float:
-        b = OnnxRuntimeBackend(model.SerializeToString(), threads=threads)
-        probs = softmax(np.concatenate([b.run(x[s : s + 32]) for s in range(0, len(x), 32)]))
+    cache: dict[str, Any] = {}
+
+    def metric(model: Any, items: list) -> float:
+        idx = np.array([i for i, _ in items], dtype=np.int64)
+        xs = np.concatenate([item for _, item in items])
+        # NNCF scores one item at a time while collecting per-item values: build each
+        # candidate's session once (one-entry cache, keyed by the model object itself)
+        if cache.get("model") is not model:
+            cache["model"], cache["backend"] = model, OnnxRuntimeBackend(model.SerializeToString(), threads=threads)
+        b = cache["backend"]
+        probs = softmax(np.concatenate([b.run(xs[s : s + 32]) for s in range(0, len(xs), 32)]))
         if kind == "agreement":
-            return float(np.mean(probs.argmax(1) == fp32_probs.argmax(1)))
-        r = classification_report(probs, y, codes)
+            return float(np.mean(probs.argmax(1) == fp32_probs[idx].argmax(1)))
+        r = classification_report(probs, y[idx], codes)
         pos = r.get("mel_sensitivity", r.get("malignant_sensitivity"))
         return 0.5 * (float(r["balanced_accuracy"]) + float(pos))
 
