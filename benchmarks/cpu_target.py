@@ -95,7 +95,8 @@ def main() -> None:
     lat = interleaved_latency({p: pr.logits for p, pr in preds.items()}, x[:1], runs=args.runs, warmup=10)
     sizes = {p: (Path(b) / "model.onnx").stat().st_size for p, b in bundles.items()}
     record = {
-        "model": str(args.model), "member": member, "split": str(args.split), "calibration": cal.summary(),
+        "model": os.path.relpath(args.model, HERE.parent), "member": member,
+        "split": os.path.relpath(args.split, HERE.parent), "calibration": cal.summary(),
         "calibration_manifest": str(cal_path.relative_to(HERE.parent)), "quantization": q.to_dict(),
         "validation_checks": checks, "test": {p: {k: r[k] for k in ("n", "top1", "top2", "top3", "balanced_accuracy",
                                                                     "mel_sensitivity", "ece")} for p, r in reports.items()},
@@ -156,4 +157,10 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--render"]:  # re-render the Markdown from the committed JSON
+        rec = json.loads((HERE / "results" / "cpu_target.json").read_text())
+        (HERE / "results" / "cpu_target.md").write_text(markdown(rec))
+    else:
+        main()

@@ -74,7 +74,7 @@ def main() -> None:
                              "best_val_balanced_accuracy": r.best_score})
     record = {
         "what": "3 x ResNet50 reference ensemble trained by benchmarks/train_reference.py",
-        "data": str(args.data), "split": split_note, "split_sha256": split.sha256(),
+        "data": os.path.relpath(args.data, HERE.parent), "split": split_note, "split_sha256": split.sha256(),
         "config": cfg.to_dict(), "members": members_info, "train_seconds": round(train_s),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
