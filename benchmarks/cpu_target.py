@@ -69,6 +69,7 @@ def main() -> None:
     ds = load_dataset(args.data)
     split = read_split(args.split)
     cal = make_calibration_set(ds, split, size=args.calib_size, seed=0)
+    cal.manifest["data"] = os.path.relpath(cal.manifest["data"], HERE.parent)  # no machine paths in git
     cal_path = write_calibration_set(cal, HERE.parent / "calibration")
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = get_target("cpu")
@@ -92,7 +93,13 @@ def main() -> None:
     probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)]) for p, pr in preds.items()}
     reports = {p: classification_report(pr, y, codes) for p, pr in probs.items()}
     agreement = float(np.mean(probs["int8"].argmax(1) == probs["fp32"].argmax(1)))
-    lat = interleaved_latency({p: pr.logits for p, pr in preds.items()}, x[:1], runs=args.runs, warmup=10)
+    # batch-1 latency with 1 and 2 intra-op threads (on a 2-core machine a single thread is
+    # often faster at batch 1); each thread count interleaves fp32 and int8 in one run
+    lat_by_threads = {}
+    for th in (1, 2):
+        runners = {p: load(b, threads=th).logits for p, b in bundles.items()}
+        lat_by_threads[th] = interleaved_latency(runners, x[:1], runs=args.runs, warmup=10)
+    lat = lat_by_threads[args.threads]
     sizes = {p: (Path(b) / "model.onnx").stat().st_size for p, b in bundles.items()}
     record = {
         "model": os.path.relpath(args.model, HERE.parent), "member": member,
@@ -102,6 +109,8 @@ def main() -> None:
                                                                     "mel_sensitivity", "ece")} for p, r in reports.items()},
         "test_top1_agreement": agreement, "latency_ms": {p: s.to_dict() for p, s in lat.items()},
         "fp32_over_int8_p50": lat["fp32"].p50_ms / lat["int8"].p50_ms, "model_bytes": sizes,
+        "latency_ms_by_threads": {str(th): {p: s.to_dict() for p, s in v.items()} for th, v in lat_by_threads.items()},
+        "fp32_over_int8_p50_by_threads": {str(th): v["fp32"].p50_ms / v["int8"].p50_ms for th, v in lat_by_threads.items()},
         "threads": args.threads, "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                                              "platform": platform.platform()},
     }
@@ -153,6 +162,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| cpu/{p} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {s['mean_ms']:.2f} |")
     lines += ["", f"FP32 / INT8 median latency: **{r['fp32_over_int8_p50']:.2f}x** "
               f"(CPU: {r['machine']['processor'] or r['machine']['platform']}, {r['machine']['cpus']} cores).", ""]
+    if "latency_ms_by_threads" in r:
+        lines += ["By intra-op thread count (batch 1, medians of interleaved runs, ms):", "",
+                  "| threads | fp32 p50 | int8 p50 | fp32 / int8 |", "|---|---|---|---|"]
+        for th, v in r["latency_ms_by_threads"].items():
+            lines.append(f"| {th} | {v['fp32']['p50_ms']:.2f} | {v['int8']['p50_ms']:.2f} | "
+                         f"{r['fp32_over_int8_p50_by_threads'][th]:.2f}x |")
+        lines.append("")
     return "\n".join(lines)
 
 

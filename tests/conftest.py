@@ -76,3 +76,12 @@ def make_ham_tree(root: Path, *, lesions_per_class: int = 4, images_per_lesion: 
 @pytest.fixture()
 def tiny_ham(tmp_path: Path) -> Path:
     return make_ham_tree(tmp_path / "ham")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The tiny data set, random resnet18 checkpoint and cpu fp32/int8 bundles of tests/_bundles.py
+    (built once per test process; read-only: copy a bundle before tampering with it)."""
+    from _bundles import shared
+
+    return shared(tmp_path_factory)

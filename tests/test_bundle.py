@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _bundles import run_cli, shared
+from _bundles import run_cli
 from conftest import CODES
 from edgeskin.bundle import (MANIFEST, SCHEMA_VERSION, BundleError, BundleReader, InputSpec, Manifest,
                              pack_bundle, write_bundle)
@@ -20,11 +20,6 @@ from edgeskin.preprocess import PreprocessConfig
 
 # the shared fixture exports with torch's legacy exporter, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return shared(tmp_path_factory)
-
 
 @pytest.fixture()
 def bundle_copy(built, tmp_path) -> Path:

@@ -7,12 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from _bundles import shared
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return shared(tmp_path_factory)
 
 
 def _qmodel_and_golden(built):

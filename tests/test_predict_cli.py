@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _bundles import run_cli, shared
+from _bundles import run_cli
 from conftest import CODES
 from edgeskin.runtime import load
 
 
 # the shared fixture exports with torch's legacy exporter, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return shared(tmp_path_factory)
-
 
 @pytest.fixture(scope="module")
 def predictor(built):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _bundles import run_cli, shared
+from _bundles import run_cli
 from conftest import CODES, REPO
 from edgeskin.bundle import BundleReader, pack_bundle, write_bundle
 from edgeskin.errors import ConfigError
@@ -24,11 +24,6 @@ from edgeskin.runtime import Prediction, load, selftest
 
 # the shared fixture exports with torch's legacy exporter, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return shared(tmp_path_factory)
-
 
 @pytest.fixture(scope="module")
 def fp32(built):

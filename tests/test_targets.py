@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from _bundles import build_model_dir, run_cli, shared
+from _bundles import build_model_dir, run_cli
 from conftest import CODES
 from edgeskin.bundle import BundleReader
 from edgeskin.calibration import read_calibration_set
@@ -25,11 +25,6 @@ from edgeskin.targets.cpu import CpuTarget
 
 # the shared fixture exports with torch's legacy exporter, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return shared(tmp_path_factory)
-
 
 @pytest.fixture(scope="module")
 def data(built):
