@@ -266,13 +266,7 @@ def evaluate(
     from .models.checkpoint import write_json
 
     ds = _load_data(data, images, skip_bad)
-    if split_file is None:
-        cand = (model if model.is_dir() else model.parent) / "split.csv"
-        if not cand.is_file():
-            raise DataError(f"no split file given and none at {cand}",
-                            "pass --split FILE (the one the model was trained with)")
-        split_file = cand
-    s = read_split(split_file)
+    s = read_split(_split_for(split_file, model))
     ev = run_eval(model, dataset=ds, split=s, split_name=on, batch_size=batch_size,
                   reporter=_reporter(), skip_bad=skip_bad)
     for t in metrics_tables(ev.reports, f"{model} on the {on} split ({len(ev.image_ids)} images)"):

@@ -26,6 +26,7 @@ from edgeskin.targets.cpu import CpuTarget
 # the shared fixture exports with torch's legacy exporter, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 
+
 @pytest.fixture(scope="module")
 def data(built):
     return load_dataset(built.data), read_split(built.split_file)
@@ -360,3 +361,19 @@ def test_cli_unknown_target_and_precision(built, tmp_path):
     assert r.returncode == 2 and "did you mean 'cpu'" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("compile", str(built.model_dir), "--precision", "fp16", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "cannot make 'fp16'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["agreement", "clinical"])
+def test_accuracy_controlled_int8_runs_nncf_accuracy_control(built, data, tmp_path, metric):
+    from edgeskin.quantize import QuantizeOptions
+
+    ds, split = data
+    res = get_target("cpu").compile(
+        built.model_dir, precision="int8", dataset=ds, split=split, out=tmp_path / "ac.edgeskin",
+        calibration=read_calibration_set(built.calib_file), force=True, threads=1,
+        quantize=QuantizeOptions(max_drop=0.01, control_metric=metric))
+    q = res.manifest.provenance["quantization"]
+    assert q["mode"] == "accuracy-control" and q["options"]["control_metric"] == metric
+    assert q["options"]["max_drop"] == 0.01
+    assert BundleReader(res.bundle).verify()

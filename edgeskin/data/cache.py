@@ -27,8 +27,8 @@ def decode_dataset(
             kept.append(s)
         except ImageError as exc:
             if not skip_bad:
-                raise ImageError(s.path, exc.message.split(": ", 1)[-1],
-                                 (exc.hint or "") + " (or pass --skip-bad to skip bad images)") from None
+                reason = exc.message.removeprefix(f"{s.path}: ")
+                raise ImageError(s.path, reason, (exc.hint or "") + " (or pass --skip-bad to skip bad images)") from None
             skipped.append(SkippedItem(s.path, exc.message))
         if progress is not None:
             progress(1)

@@ -81,7 +81,7 @@ class CpuTarget(Target):
                 validation = None
                 if quantize.max_drop is not None:
                     validation = ([(i, prep.val_inputs[i : i + 1]) for i in range(len(prep.val_inputs))],
-                                  _metric_fn(prep.val_inputs, prep.val_labels, prep.labels.codes, threads,
+                                  _metric_fn(prep.val_labels, prep.labels.codes, threads,
                                              quantize.control_metric, prep.fp32_probs))
                 reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
                                  + (f", accuracy control max drop {quantize.max_drop}" if quantize.max_drop is not None else "")
@@ -131,8 +131,8 @@ class CpuTarget(Target):
             prep.close()
 
 
-def _metric_fn(x: np.ndarray, y: np.ndarray, codes: tuple[str, ...], threads: int | None,  # noqa: ANN202
-               kind: str, fp32_probs: np.ndarray):
+def _metric_fn(y: np.ndarray, codes: tuple[str, ...], threads: int | None, kind: str,  # noqa: ANN202
+               fp32_probs: np.ndarray):
     """Accuracy-control metric on the validation split, computed with ONNX Runtime on the
     candidate model (higher is better): top-1 agreement with FP32 (``agreement``), or the mean
     of balanced accuracy and melanoma recall (``clinical``)."""

@@ -207,7 +207,6 @@ def fit(
         resumed_from = start_epoch
         reporter.message(f"{out.name}: resuming after epoch {start_epoch} of {cfg.epochs}")
 
-    loss_weights_note = recipe.get("class_weights")
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= (cfg.patience or 10**9):
             break
@@ -257,7 +256,7 @@ def fit(
         )
         if rank == 0:
             rec = _recipe(recipe, cfg, digest, pretrained_source, freeze_epochs, stages, world,
-                          best_epoch, best_score, history, loss_weights_note)
+                          best_epoch, best_score, history)
             if improved:
                 save_checkpoint(model, out, arch=cfg.arch, labels=labels, preprocess=pre,
                                 dropout=cfg.dropout, recipe=rec, metrics={"val": val_report},
@@ -274,7 +273,7 @@ def fit(
         done = json.loads(meta.read_text())
         done["complete"] = True
         done["recipe"] = _recipe(recipe, cfg, digest, pretrained_source, freeze_epochs, stages, world,
-                                 best_epoch, best_score, history, loss_weights_note)
+                                 best_epoch, best_score, history)
         write_json(meta, done)
         state_path.unlink(missing_ok=True)
     _barrier()
@@ -283,7 +282,7 @@ def fit(
 
 def _recipe(base: dict[str, Any], cfg: TrainConfig, digest: str, pretrained_source: str | None,
             freeze_epochs: int, stages: int | None, world: int, best_epoch: int, best_score: float,
-            history: list[dict[str, Any]], _weights: Any) -> dict[str, Any]:
+            history: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         **base,
         "config": cfg.to_dict(),
