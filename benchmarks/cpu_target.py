@@ -55,14 +55,13 @@ def main() -> None:
 
     from edgeskin.bench import interleaved_latency
     from edgeskin.calibration import make_calibration_set, write_calibration_set
-    from edgeskin.data import decode_dataset, load_dataset, read_split
+    from edgeskin.data import decode_dataset, eval_tensors, load_dataset, read_split
     from edgeskin.metrics import classification_report
-    from edgeskin.models.checkpoint import write_json
-    from edgeskin.preprocess import finish
+    from edgeskin.fileio import write_json
     from edgeskin.progress import RichReporter
     from edgeskin.quantize import QuantizeOptions
     from edgeskin.runtime import load
-    from edgeskin.targets import Budget, get_target
+    from edgeskin.targets import get_target
 
     rep = RichReporter()
     member = args.member or (best_reference_member(args.model) if (args.model / "config.json").is_file() else None)
@@ -87,7 +86,7 @@ def main() -> None:
     pre = preds["fp32"].preprocess_config
     test = split.apply(ds, "test")
     test, arrays = decode_dataset(test, pre)
-    x = np.stack([finish(a, pre) for a in arrays])
+    x = eval_tensors(arrays, pre)
     codes = preds["fp32"].labels
     y = np.array([codes.index(s.dx) for s in test.samples])
     probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)]) for p, pr in preds.items()}

@@ -43,7 +43,7 @@ def main() -> None:
 
     from edgeskin.data import load_dataset, make_split, read_split, write_split
     from edgeskin.evaluate import evaluate
-    from edgeskin.models.checkpoint import write_json
+    from edgeskin.fileio import write_json
     from edgeskin.progress import RichReporter
     from edgeskin.train import TrainConfig, train_ensemble
 

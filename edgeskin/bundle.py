@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import EdgeskinError
+from .fileio import atomic_path
 from .preprocess import PreprocessConfig
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 MANIFEST = "manifest.json"
-SUFFIX = ".edgeskin"
 
 
 class BundleError(EdgeskinError):
@@ -122,15 +122,6 @@ class Manifest:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read in chunks (the one file-hash helper of the project)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BundleReader:
@@ -259,16 +250,9 @@ def pack_bundle(folder: str | os.PathLike, out: str | os.PathLike | None = None)
     reader = BundleReader(src)
     reader.verify()
     dest = Path(out) if out else src.with_name(src.name + ".zip")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.write(src / MANIFEST, f"{src.name}/{MANIFEST}")
             for name in sorted(reader.manifest.files):
                 z.write(src / name, f"{src.name}/{name}")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import sha256_file
 from .data import Dataset, Split
 from .errors import DataError
+from .fileio import sha256_file, write_json
 from .labels import HAM10000_CODES
 
 FORMAT = "edgeskin-calibration"
@@ -111,9 +111,7 @@ def write_calibration_set(cal: CalibrationSet, directory: str | os.PathLike = "c
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     out = d / f"{cal.name}.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(cal.manifest, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_json(out, cal.manifest, indent=1)
     return out
 
 

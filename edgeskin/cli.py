@@ -263,7 +263,7 @@ def evaluate(
     """
     from .data import read_split
     from .evaluate import evaluate as run_eval
-    from .models.checkpoint import write_json
+    from .fileio import write_json
 
     ds = _load_data(data, images, skip_bad)
     s = read_split(_split_for(split_file, model))

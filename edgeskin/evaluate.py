@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, Split, decode_dataset
+from .data import Dataset, Split, load_eval_set
 from .labels import LabelSet
 from .metrics import classification_report
 from .progress import NullReporter, Reporter
@@ -47,20 +47,13 @@ def evaluate(
     import torch
 
     from .models import load_ensemble, predict_probs
-    from .train.loop import labels_of
 
     reporter = reporter or NullReporter()
     members = load_ensemble(Path(model))
     labels = members[0].labels
     pre = members[0].preprocess
     subset = split.apply(dataset, split_name) if split is not None else dataset
-    reporter.start(f"decoding {split_name} images", len(subset))
-    subset, arrays = decode_dataset(subset, pre, skip_bad=skip_bad, progress=reporter.advance)
-    reporter.stop()
-    from .train.loop import eval_tensors
-
-    x = eval_tensors(arrays, pre)
-    y = labels_of(subset, labels)
+    subset, x, y = load_eval_set(subset, pre, labels, what=split_name, reporter=reporter, skip_bad=skip_bad)
     probs: dict[str, np.ndarray] = {}
     reports: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import EdgeskinError, require
+from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,12 @@ def export_onnx(
     onnx = require("onnx", extra="compress", purpose="ONNX export")
     ort = require("onnxruntime", extra="runtime", purpose="checking the ONNX export")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval().to(memory_format=torch.contiguous_format)
     dummy = torch.zeros(1, 3, size, size)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out, suffix=".onnx") as tmp:
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                model, (dummy,), tmp, opset_version=opset, input_names=[INPUT_NAME],
+                model, (dummy,), str(tmp), opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], do_constant_folding=True, dynamo=False,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
             )
@@ -75,7 +72,7 @@ def export_onnx(
             want = model(torch.from_numpy(x)).numpy()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
         got = np.concatenate([sess.run(None, {INPUT_NAME: x[i : i + 1]})[0] for i in range(len(x))])
         diff = float(np.max(np.abs(got - want))) if len(x) else 0.0
         if not diff <= tolerance:
@@ -83,9 +80,5 @@ def export_onnx(
                 f"ONNX export of the model differs from torch by {diff:.3g} (> {tolerance:g}) in the logits",
                 "report this model; try another --opset",
             )
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("exported %s (opset %d), max |logit diff| vs torch %.2e", out, opset, diff)
     return ExportResult(out, opset, diff, len(x))

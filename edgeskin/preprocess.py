@@ -68,9 +68,8 @@ class PreprocessConfig:
 
     @property
     def resize_size(self) -> int:
-        if self.resize is not None:
-            return self.resize
-        return int(round(self.size / self.crop_fraction))
+        """The shorter side before the crop (``resize``, resolved in ``__post_init__``)."""
+        return int(self.resize)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

@@ -5,9 +5,10 @@ numpy + Pillow + standard library only.
 
 from .readers import Dataset, Sample, SkippedItem, load_dataset, read_folder, read_ham10000, read_isic2018
 from .split import SPLITS, Split, make_split, read_split, write_split
-from .cache import decode_dataset
+from .cache import decode_dataset, decode_with_progress, eval_tensors, labels_of, load_eval_set
 
 __all__ = [
     "Dataset", "Sample", "SkippedItem", "load_dataset", "read_folder", "read_ham10000",
     "read_isic2018", "SPLITS", "Split", "make_split", "read_split", "write_split", "decode_dataset",
+    "decode_with_progress", "eval_tensors", "labels_of", "load_eval_set",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import atomic_write_bytes
 from ..labels import HAM10000_CODES
 from .readers import Dataset
 
@@ -135,14 +137,12 @@ def make_split(
 def write_split(split: Split, path: str | os.PathLike) -> Path:
     """Write ``image_id,lesion_id,dx,split`` atomically (temporary file, then rename)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image_id", "lesion_id", "dx", "split"])
-        for image_id in sorted(split.assignment):
-            w.writerow([image_id, split.lesion_of[image_id], split.dx_of[image_id], split.assignment[image_id]])
-    os.replace(tmp, out)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "lesion_id", "dx", "split"])
+    for image_id in sorted(split.assignment):
+        w.writerow([image_id, split.lesion_of[image_id], split.dx_of[image_id], split.assignment[image_id]])
+    atomic_write_bytes(out, buf.getvalue().encode())
     return out
 
 

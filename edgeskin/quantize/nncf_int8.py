@@ -10,7 +10,7 @@ a validation metric (mean of balanced accuracy and melanoma recall) is within ``
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 
 from .. import __version__
-from ..bundle import InputSpec, Manifest, write_bundle
+from ..bundle import Manifest, write_bundle
 from ..errors import ConfigError, EdgeskinError
 from ..metrics import classification_report
 
@@ -198,4 +198,4 @@ def base_manifest(**kw: Any) -> Manifest:
 
 
 __all__ = ["Budget", "CompileError", "CompileResult", "Target", "compare", "verify_and_write",
-           "labels_txt", "base_manifest", "InputSpec"]
+           "labels_txt", "base_manifest"]

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Dataset, Split, decode_dataset
+from ..data import Dataset, Split, decode_with_progress, eval_tensors, load_eval_set
 from ..errors import CheckpointError
 from ..labels import LabelSet
-from ..preprocess import PreprocessConfig, finish
+from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 
 
@@ -86,12 +86,8 @@ def prepare(
     reporter = reporter or NullReporter()
     ck = select_member(model, member)
     pre, labels = ck.preprocess, ck.labels
-    val = split.apply(dataset, "val")
-    reporter.start("decoding validation images", len(val))
-    val, arrays = decode_dataset(val, pre, skip_bad=skip_bad, progress=reporter.advance)
-    reporter.stop()
-    x = np.stack([finish(a, pre) for a in arrays])
-    y = np.array([labels.encode(s.dx) for s in val.samples], dtype=np.int64)
+    val, x, y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation", reporter=reporter,
+                              skip_bad=skip_bad)
     work = tempfile.TemporaryDirectory(prefix="edgeskin-compile-")
     onnx_path = Path(work.name) / "fp32.onnx"
     reporter.message(f"exporting {ck.name} to ONNX (opset {opset})")
@@ -115,7 +111,6 @@ def calibration_inputs(cal, dataset: Dataset, split: Split, pre: PreprocessConfi
     from ..calibration import resolve_calibration_images
 
     images = resolve_calibration_images(cal, dataset, split)
-    reporter.start("decoding calibration images", len(images))
-    images, arrays = decode_dataset(images, pre, progress=reporter.advance)
-    reporter.stop()
-    return [finish(a, pre)[None] for a in arrays]
+    _, arrays = decode_with_progress(images, pre, what="calibration", reporter=reporter)
+    x = eval_tensors(arrays, pre)
+    return [x[i : i + 1] for i in range(len(x))]

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from ..augment import augment
-from ..data import Dataset, Split, decode_dataset
+from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
 from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
-from ..metrics import balanced_accuracy, classification_report, ranking
-from ..preprocess import PreprocessConfig, finish
+from ..metrics import classification_report
+from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 from ..models.arch import build_model, frozen_bn_to_eval, set_trainable, arch_spec
-from ..models.checkpoint import (atomic_torch_save, load_checkpoint, save_checkpoint, write_json)
+from ..fileio import write_json
+from ..models.checkpoint import atomic_torch_save, save_checkpoint
 from ..models.ensemble import predict_probs
 from .config import TrainConfig
 from .losses import class_weights, make_loss
@@ -72,14 +73,6 @@ def bf16_supported() -> bool:
 
 
 # ---------------------------------------------------------------- data helpers
-
-def labels_of(dataset: Dataset, labels: LabelSet) -> np.ndarray:
-    return np.array([labels.encode(s.dx) for s in dataset.samples], dtype=np.int64)
-
-
-def eval_tensors(arrays: Sequence[np.ndarray], pre: PreprocessConfig) -> np.ndarray:
-    return np.stack([finish(a, pre) for a in arrays]) if len(arrays) else np.zeros((0, 3, pre.size, pre.size), np.float32)
-
 
 def _batch(arrays: Sequence[np.ndarray], idx: np.ndarray, pre: PreprocessConfig, cfg: TrainConfig,
            epoch: int) -> np.ndarray:
@@ -318,14 +311,6 @@ def _validate(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, labels:
 
 # ---------------------------------------------------------------- members and ensembles
 
-def _decode(dataset: Dataset, pre: PreprocessConfig, skip_bad: bool, reporter: Reporter, what: str):
-    reporter.start(f"decoding {what} images", len(dataset))
-    try:
-        return decode_dataset(dataset, pre, skip_bad=skip_bad, progress=reporter.advance)
-    finally:
-        reporter.stop()
-
-
 def train_member(
     cfg: TrainConfig,
     *,
@@ -342,10 +327,11 @@ def train_member(
     labels = get_label_set(cfg.labels)
     pre = cfg.preprocess
     if _decoded is None:
-        train_set, train_arrays = _decode(train_set, pre, skip_bad, reporter, "training")
-        val_set, val_arrays = _decode(val_set, pre, skip_bad, reporter, "validation")
-        train_y, val_y = labels_of(train_set, labels), labels_of(val_set, labels)
-        val_x = eval_tensors(val_arrays, pre)
+        train_set, train_arrays = decode_with_progress(train_set, pre, what="training", reporter=reporter,
+                                                       skip_bad=skip_bad)
+        val_set, val_x, val_y = load_eval_set(val_set, pre, labels, what="validation", reporter=reporter,
+                                              skip_bad=skip_bad)
+        train_y = labels_of(train_set, labels)
     else:
         train_arrays, train_y, val_x, val_y = _decoded
     torch.manual_seed(cfg.seed)
@@ -410,11 +396,13 @@ def train_ensemble(
     pre = cfg.preprocess
     train_set = split.apply(dataset, "train")
     val_set = split.apply(dataset, "val")
-    train_set, train_arrays = _decode(train_set, pre, skip_bad, reporter, "training")
-    val_set, val_arrays = _decode(val_set, pre, skip_bad, reporter, "validation")
+    train_set, train_arrays = decode_with_progress(train_set, pre, what="training", reporter=reporter,
+                                                   skip_bad=skip_bad)
+    val_set, val_x, val_y = load_eval_set(val_set, pre, labels, what="validation", reporter=reporter,
+                                          skip_bad=skip_bad)
     for item in train_set.skipped + val_set.skipped:
         reporter.message(f"skipped {item.where}: {item.reason}")
-    decoded = (train_arrays, labels_of(train_set, labels), eval_tensors(val_arrays, pre), labels_of(val_set, labels))
+    decoded = (train_arrays, labels_of(train_set, labels), val_x, val_y)
     recipe = {"data": dataset.source, "split": split.source, "split_sha256": split.sha256()}
     results = []
     for i in range(members):
