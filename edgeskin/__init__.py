@@ -35,6 +35,8 @@ _LAZY = {
     "TrainConfig": "edgeskin.train",
     "train_member": "edgeskin.train",
     "train_ensemble": "edgeskin.train",
+    "DistillConfig": "edgeskin.train",
+    "distill": "edgeskin.train",
     "evaluate_model": "edgeskin.evaluate:evaluate",
 }
 

@@ -40,7 +40,7 @@ class Prepared:
         return {
             "model": {"name": self.name, "arch": self.arch, "sha256": self.sha256},
             "teacher": self.config.get("teacher") or recipe.get("teacher"),
-            "recipe": {k: recipe.get(k) for k in ("loss", "config_digest", "initialisation", "best_epoch",
+            "recipe": {k: recipe.get(k) for k in ("kind", "loss", "temperature", "alpha", "config_digest", "initialisation", "best_epoch",
                                                   "best_val_balanced_accuracy", "split_sha256") if k in recipe},
             "split_sha256": split.sha256(),
             "export": self.export,

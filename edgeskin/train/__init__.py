@@ -3,8 +3,10 @@
 from .config import PRESETS, TrainConfig
 from .losses import FocalLoss, class_weights, distillation_kl, make_loss
 from .loop import FitResult, fit, train_ensemble, train_member
+from .distill import DistillConfig, DistillResult, distill, distillation_loss
 
 __all__ = [
     "PRESETS", "TrainConfig", "FocalLoss", "class_weights", "distillation_kl", "make_loss",
     "FitResult", "fit", "train_ensemble", "train_member",
+    "DistillConfig", "DistillResult", "distill", "distillation_loss",
 ]

@@ -44,7 +44,8 @@ class TrainConfig:
     channels_last: bool = True
     steps_per_epoch: int | None = None
     eval_batch_size: int = 64
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: ``None`` turns augmentation off: every step sees the evaluation view (centre crop)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -64,7 +65,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["augment"] = self.augment.to_dict()
+        d["augment"] = None if self.augment is None else self.augment.to_dict()
         return d
 
     @classmethod

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..augment import augment
 from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
+from ..preprocess import finish
 from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
 from ..metrics import classification_report
@@ -76,6 +77,8 @@ def bf16_supported() -> bool:
 
 def _batch(arrays: Sequence[np.ndarray], idx: np.ndarray, pre: PreprocessConfig, cfg: TrainConfig,
            epoch: int) -> np.ndarray:
+    if cfg.augment is None:
+        return np.stack([finish(arrays[int(i)], pre) for i in idx])
     out = []
     for i in idx:
         rng = np.random.default_rng([cfg.seed, epoch, int(i)])
@@ -121,18 +124,21 @@ def fit(
     recipe: dict[str, Any],
     reporter: Reporter | None = None,
     extra: dict[str, Any] | None = None,
+    digest: str | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the checkpoint with the best validation balanced accuracy.
 
     ``out`` is the checkpoint stem (``DIR/member0`` -> ``member0.pt``/``.json``); the resumable
     state goes to ``member0.state.pt``. A finished checkpoint is not trained again; an
-    unfinished one resumes from its last completed epoch.
+    unfinished one resumes from its last completed epoch. ``digest`` identifies the settings
+    (default: ``cfg.digest()``; distillation adds its own); a folder holding another digest
+    is refused rather than mixed.
     """
     reporter = reporter or NullReporter()
     rank, world = dist_info()
     pre = cfg.preprocess
     meta, state_path = out.with_suffix(".json"), out.with_suffix(".state.pt")
-    digest = cfg.digest()
+    digest = digest or cfg.digest()
 
     if meta.is_file():
         done = json.loads(meta.read_text())

@@ -1,0 +1,474 @@
+"""Distillation: one student learns the ensemble's averaged softmax (the teacher).
+
+The loss blends the temperature-scaled KL divergence to the teacher (times T²) with the
+hard-label loss of training (class-weighted cross-entropy or focal loss). The teacher runs
+online on exactly the augmented view the student sees; with augmentation off its outputs are
+computed once per image and cached on disk under a key made of the teacher's member hashes,
+the decoded training images and the preprocessing, so a change to any of them recomputes.
+Training itself is :func:`edgeskin.train.loop.fit`, the loop of ``edgeskin train``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset, Split, decode_with_progress, eval_tensors, labels_of, load_eval_set, write_split
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_path, write_json
+from ..labels import LabelSet
+from ..metrics import classification_report
+from ..models.arch import arch_spec, build_model
+from ..models.checkpoint import Checkpoint, load_ensemble
+from ..models.ensemble import Ensemble, predict_probs
+from ..preprocess import PreprocessConfig
+from ..progress import NullReporter, Reporter
+from .config import TrainConfig
+from .loop import bf16_supported, dist_info, fit, init_distributed_from_env, _barrier
+from .losses import class_weights, distillation_kl, make_loss
+
+INITS = ("auto", "imagenet", "member", "scratch")
+STUDENT_NAME = "student"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student is distilled. The student's architecture, schedule and hard-label loss
+    are the ``train`` config (``train.arch``, ``train.loss``, ...).
+
+    ``alpha`` weighs the distillation term, ``1 - alpha`` the hard-label loss.
+    ``init``: ``auto`` (ImageNet weights when present, else the best teacher member when the
+    architectures match, else random), ``imagenet``, ``member`` or ``scratch``.
+    ``member``: the member ``--init member`` copies (default: best validation balanced accuracy).
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    temperature: float = 4.0
+    alpha: float = 0.7
+    init: str = "auto"
+    member: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha (the distillation weight) must be in [0, 1], got {self.alpha}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown --init {self.init!r}", f"choose one of: {', '.join(INITS)}")
+        arch_spec(self.train.arch)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    def with_train(self, train: TrainConfig) -> "DistillConfig":
+        return replace(self, train=train)
+
+    def digest(self, teacher_digest: str) -> str:
+        blob = json.dumps({"distill": self.to_dict(), "teacher": teacher_digest}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loss and teacher
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    targets: torch.Tensor,
+    hard_loss: nn.Module,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``alpha * T² KL(teacher_T || student_T) + (1 - alpha) * hard_loss(student, targets)``."""
+    soft = distillation_kl(student_logits, teacher_probs, temperature)
+    if alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * hard_loss(student_logits.float(), targets)
+
+
+class Teacher:
+    """The frozen ensemble (mean of its members' softmax). It never receives gradients."""
+
+    def __init__(self, members: Sequence[Checkpoint], *, bf16: bool = False) -> None:
+        if not members:
+            raise CheckpointError("the teacher has no members", "pass an ensemble folder")
+        self.members = list(members)
+        self.model = Ensemble([m.model for m in members]).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.bf16 = bf16
+
+    @property
+    def hashes(self) -> list[dict[str, str]]:
+        return [{"name": m.name, "sha256": m.sha256} for m in self.members]
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(sorted(m.sha256 for m in self.members))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher probabilities (N, C) for a batch; no graph is recorded."""
+        self.model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(x).float()
+
+
+def teacher_cache_key(teacher: Teacher, arrays: Sequence[np.ndarray], pre: PreprocessConfig) -> str:
+    """Hash of the teacher's member hashes, the decoded images (content and order) and the
+    preprocessing: any change to one of them gives another key."""
+    h = hashlib.sha256()
+    h.update(teacher.digest.encode())
+    h.update(json.dumps(pre.to_dict(), sort_keys=True).encode())
+    h.update(b"bf16" if teacher.bf16 else b"fp32")
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class CachedTeacher:
+    probs: np.ndarray
+    key: str
+    path: Path
+    hit: bool
+
+
+def cached_teacher_probs(
+    teacher: Teacher,
+    arrays: Sequence[np.ndarray],
+    pre: PreprocessConfig,
+    cache_dir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    reporter: Reporter | None = None,
+) -> CachedTeacher:
+    """Teacher probabilities on the evaluation view of every image, from the cache when its key
+    matches, else computed and written (atomically) to ``cache_dir/teacher-KEY.npz``."""
+    reporter = reporter or NullReporter()
+    key = teacher_cache_key(teacher, arrays, pre)
+    path = Path(cache_dir) / f"teacher-{key[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key and z["probs"].shape[0] == len(arrays):
+                    return CachedTeacher(z["probs"].astype(np.float32), key, path, True)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or foreign: recompute below
+    reporter.start("teacher outputs (cached for later runs)", len(arrays))
+    out = []
+    for s in range(0, len(arrays), batch_size):
+        x = torch.from_numpy(eval_tensors(list(arrays[s : s + batch_size]), pre))
+        out.append(teacher.probs(x).numpy())
+        reporter.advance(len(x))
+    reporter.stop()
+    probs = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=probs, key=np.array(key))
+    return CachedTeacher(probs, key, path, False)
+
+
+# ---------------------------------------------------------------- the student
+
+def _best_member(members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.ndarray, labels: LabelSet,
+                 name: str | None, batch_size: int) -> tuple[Checkpoint, dict[str, float]]:
+    if name is not None:
+        chosen = [m for m in members if m.name == name]
+        if not chosen:
+            raise ConfigError(f"the teacher has no member named {name!r}",
+                              f"members: {', '.join(m.name for m in members)}")
+        return chosen[0], {}
+    scores = {}
+    for m in members:
+        p = predict_probs(m.model, val_x, batch_size=batch_size)
+        scores[m.name] = float(classification_report(p, val_y, labels.codes)["balanced_accuracy"])
+    best = max(members, key=lambda m: scores[m.name])
+    return best, scores
+
+
+def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.ndarray,
+                 labels: LabelSet) -> tuple[nn.Module, str, str]:
+    """Build the student. Returns (model, initialisation record, how it was chosen (a sentence))."""
+    t = cfg.train
+    arch_spec(t.arch)
+    same_arch = [m for m in members if m.config["arch"] == t.arch]
+    if cfg.init in ("auto", "imagenet"):
+        model, source = build_model(t.arch, labels.num_classes, dropout=t.dropout,
+                                    pretrained=t.pretrained if t.pretrained not in (None, "none") else "auto")
+        if source is not None:
+            return model, source, f"starting from ImageNet weights ({source})"
+        if cfg.init == "imagenet":
+            raise ConfigError(
+                f"no ImageNet weights for {t.arch} found (torchvision's cache or --pretrained FILE)",
+                "put the torchvision weights file in the cache, pass --pretrained FILE, "
+                "or choose --init member / --init scratch",
+            )
+    if cfg.init == "member" or (cfg.init == "auto" and same_arch):
+        if not same_arch:
+            raise ConfigError(
+                f"--init member needs a teacher member of the student's architecture ({t.arch}); "
+                f"the teacher's are {sorted({m.config['arch'] for m in members})}",
+                "use --student resnet50 or --init scratch",
+            )
+        member, scores = _best_member(same_arch, val_x, val_y, labels, cfg.member, t.eval_batch_size)
+        model, _ = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=None)
+        model.load_state_dict(copy.deepcopy(member.model.state_dict()))
+        why = (f" (best validation balanced accuracy, {100 * scores[member.name]:.1f}%)" if scores else "")
+        prefix = "no ImageNet weights found; " if cfg.init == "auto" else ""
+        return model, f"member:{member.name}:{member.sha256}", f"{prefix}starting from teacher {member.name}{why}"
+    torch.manual_seed(t.seed)
+    model, _ = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=None)
+    prefix = "no ImageNet weights found; " if cfg.init == "auto" else ""
+    return model, "random", f"{prefix}starting {t.arch} from random initialisation"
+
+
+# ---------------------------------------------------------------- report
+
+def latency_pair(teacher: nn.Module, student: nn.Module, size: int, *, runs: int = 30,
+                 warmup: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """Batch-1 host latency of teacher and student, interleaved in one run per engine: torch
+    FP32 and ONNX Runtime FP32 (the engine the host bundle runs; both models exported to one
+    graph each, the teacher's three members and their mean softmax inside one graph). The
+    ONNX Runtime part is skipped, with a note, when onnx or onnxruntime is not installed."""
+    import tempfile
+
+    from ..bench.latency import interleaved_latency
+
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    teacher.eval()
+    student.eval()
+
+    def run(model: nn.Module):  # noqa: ANN202
+        def f(a: np.ndarray) -> object:
+            with torch.inference_mode():
+                return model(torch.from_numpy(a))
+        return f
+
+    def summary(engine: str, stats: dict[str, Any], n_threads: int | None) -> dict[str, Any]:
+        return {"engine": engine, "threads": n_threads, "batch": 1,
+                "teacher": stats["teacher"].to_dict(), "student": stats["student"].to_dict(),
+                "student_over_teacher": stats["student"].p50_ms / stats["teacher"].p50_ms}
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        stats = interleaved_latency({"teacher": run(teacher), "student": run(student)}, x, runs=runs,
+                                    warmup=warmup)
+        out: dict[str, Any] = {"torch": summary(f"torch {torch.__version__} fp32", stats, torch.get_num_threads())}
+    finally:
+        torch.set_num_threads(old_threads)
+    try:
+        from ..export import export_onnx
+        from ..runtime.backends import OnnxRuntimeBackend
+
+        with tempfile.TemporaryDirectory(prefix="edgeskin-latency-") as tmp:
+            fns = {}
+            for name, model in (("teacher", teacher), ("student", student)):
+                path = Path(tmp) / f"{name}.onnx"
+                export_onnx(model, path, size=size, check_inputs=x)
+                backend = OnnxRuntimeBackend(path.read_bytes(), threads=threads)
+                fns[name] = backend.run
+                version = backend.version
+            stats = interleaved_latency(fns, x, runs=runs, warmup=warmup)
+        out["onnxruntime"] = summary(f"onnxruntime {version} fp32", stats, threads)
+    except Exception as exc:  # noqa: BLE001 - the torch numbers stand on their own
+        out["onnxruntime"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def compare_report(teacher_probs: np.ndarray, student_probs: np.ndarray, targets: np.ndarray,
+                   labels: LabelSet, split_name: str) -> dict[str, Any]:
+    """Student vs teacher on one split: both classification reports and top-1 agreement."""
+    t = classification_report(teacher_probs, targets, labels.codes)
+    s = classification_report(student_probs, targets, labels.codes)
+    agree = float(np.mean(teacher_probs.argmax(1) == student_probs.argmax(1))) if len(targets) else float("nan")
+    pos = labels.positive
+    return {
+        "split": split_name, "n": int(len(targets)), "teacher": t, "student": s,
+        "top1_agreement": agree,
+        "drops_points": {
+            "top1": 100 * (t["top1"] - s["top1"]),
+            "balanced": 100 * (t["balanced_accuracy"] - s["balanced_accuracy"]),
+            f"{pos}_sensitivity": 100 * (t[f"{pos}_sensitivity"] - s[f"{pos}_sensitivity"]),
+        },
+    }
+
+
+# ---------------------------------------------------------------- the command
+
+@dataclass
+class DistillResult:
+    checkpoint: Path
+    best_epoch: int
+    best_score: float
+    initialisation: str
+    teacher_cache: str | None
+    report: dict[str, Any] | None
+    skipped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def distill(
+    teacher_path: str | os.PathLike,
+    cfg: DistillConfig,
+    *,
+    dataset: Dataset,
+    split: Split,
+    out_dir: str | os.PathLike,
+    report_split: str | None = "test",
+    latency_runs: int = 30,
+    latency_threads: int | None = None,
+    reporter: Reporter | None = None,
+    skip_bad: bool = False,
+) -> DistillResult:
+    """Distil the ensemble at ``teacher_path`` into one student written to ``out_dir/student``.
+
+    The student uses the teacher's preprocessing (the teacher must see the student's views).
+    Re-running resumes an interrupted run or skips a finished one. After training, the student
+    and the teacher are compared on ``report_split`` (``None``: no report) and the report is
+    written to ``out_dir/report.json`` and into the student's checkpoint.
+    """
+    reporter = reporter or NullReporter()
+    init_distributed_from_env()
+    rank, _ = dist_info()
+    members = load_ensemble(Path(teacher_path))
+    labels, pre = members[0].labels, members[0].preprocess
+    t = cfg.train.with_(size=pre.size, resize=pre.resize, labels=labels.name)
+    if t.preprocess != pre:
+        raise ConfigError(
+            f"{teacher_path}: the teacher's preprocessing ({pre.to_dict()}) is not one a student can be "
+            "trained with here", "train the teacher with edgeskin's default normalisation")
+    use_bf16 = t.bf16 == "on" or (t.bf16 == "auto" and bf16_supported())
+    teacher = Teacher(members, bf16=use_bf16)
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+
+    train_set, train_arrays = decode_with_progress(split.apply(dataset, "train"), pre, what="training",
+                                                   reporter=reporter, skip_bad=skip_bad)
+    val_set, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
+                                          reporter=reporter, skip_bad=skip_bad)
+    for item in train_set.skipped + val_set.skipped:
+        reporter.message(f"skipped {item.where}: {item.reason}")
+    train_y = labels_of(train_set, labels)
+
+    model, initialisation, how = init_student(cfg.with_train(t), members, val_x, val_y, labels)
+    reporter.message(f"student {t.arch}: {how}")
+    if initialisation.startswith("member:"):
+        # an already trained network: no frozen warm-up, every stage learns
+        t = t.with_(freeze_epochs=0 if t.freeze_epochs is None else t.freeze_epochs,
+                    finetune_stages="all" if t.finetune_stages == "auto" else t.finetune_stages)
+    run_cfg = cfg.with_train(t)
+
+    cache: CachedTeacher | None = None
+    if t.augment is None:
+        if rank == 0:
+            cache = cached_teacher_probs(teacher, train_arrays, pre, out / ".teacher-cache",
+                                         batch_size=t.eval_batch_size, reporter=reporter)
+            reporter.message(f"teacher outputs {'read from' if cache.hit else 'cached in'} {cache.path.name}")
+        _barrier()
+        if cache is None:
+            cache = cached_teacher_probs(teacher, train_arrays, pre, out / ".teacher-cache",
+                                         batch_size=t.eval_batch_size)
+
+    counts = np.bincount(train_y, minlength=labels.num_classes)
+    weights = class_weights(counts) if t.loss in ("wce", "focal") else None
+    hard = make_loss(t.loss, weights, gamma=t.focal_gamma)
+
+    def criterion(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if cache is not None:
+            tp = torch.from_numpy(cache.probs[idx.numpy()])
+        else:
+            tp = teacher.probs(x)
+        return distillation_loss(logits, tp, y, hard, temperature=run_cfg.temperature, alpha=run_cfg.alpha)
+
+    teacher_record = {
+        "path": _display(teacher_path), "members": teacher.hashes, "digest": teacher.digest,
+        "arch": sorted({m.config["arch"] for m in members}), "combination": "mean of softmax",
+    }
+    recipe = {
+        "kind": "distillation", "data": dataset.source, "split": split.source, "split_sha256": split.sha256(),
+        "loss": t.loss, "focal_gamma": t.focal_gamma if t.loss == "focal" else None,
+        "class_weights": None if weights is None else dict(zip(labels.codes, map(float, weights))),
+        "temperature": run_cfg.temperature, "alpha": run_cfg.alpha, "init": run_cfg.init,
+        "teacher_view": "cached evaluation view" if cache is not None else "online, the student's augmented view",
+        "teacher": teacher_record, "train_images": int(len(train_y)), "val_images": int(len(val_y)),
+        "train_class_counts": dict(zip(labels.codes, map(int, counts))),
+    }
+    if rank == 0 and not (out / "split.csv").exists():
+        write_split(split, out / "split.csv")  # so evaluate and compile find the split by default
+    res = fit(model, cfg=t, labels=labels, train_arrays=train_arrays, train_targets=train_y, val_inputs=val_x,
+              val_targets=val_y, criterion=criterion, out=out / STUDENT_NAME,
+              pretrained_source=None if initialisation == "random" else initialisation,
+              recipe=recipe, reporter=reporter, extra={"teacher": teacher_record},
+              digest=run_cfg.digest(teacher.digest))
+
+    report = None
+    report_path = out / "report.json"
+    if rank == 0 and report_split is not None:
+        if res.skipped and report_path.is_file():
+            report = json.loads(report_path.read_text())
+        else:
+            report = _final_report(teacher, res.checkpoint, dataset, split, report_split, labels, pre,
+                                   t.eval_batch_size, latency_runs, reporter, skip_bad, initialisation, run_cfg,
+                                   latency_threads)
+            write_json(report_path, report)
+            meta = json.loads(res.checkpoint.read_text())
+            meta.setdefault("metrics", {})[report_split] = report["student"]
+            meta["metrics"][f"{report_split}_vs_teacher"] = {
+                k: report[k] for k in ("top1_agreement", "drops_points", "latency") if k in report}
+            write_json(res.checkpoint, meta)
+    _barrier()
+    return DistillResult(res.checkpoint, res.best_epoch, res.best_score, initialisation,
+                         None if cache is None else str(cache.path), report, res.skipped, res.history)
+
+
+def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: Split, split_name: str,
+                  labels: LabelSet, pre: PreprocessConfig, batch_size: int, latency_runs: int,
+                  reporter: Reporter, skip_bad: bool, initialisation: str, cfg: DistillConfig,
+                  latency_threads: int | None) -> dict[str, Any]:
+    from ..models.checkpoint import load_checkpoint
+
+    student = load_checkpoint(checkpoint)  # the best epoch, as written and hash-checked
+    _, x, y = load_eval_set(split.apply(dataset, split_name), pre, labels, what=split_name, reporter=reporter,
+                            skip_bad=skip_bad)
+    reporter.start(f"teacher on the {split_name} split", len(x))
+    tp = predict_probs(teacher.model, x, batch_size=batch_size, outputs="probs", progress=reporter.advance)
+    reporter.stop()
+    reporter.start(f"student on the {split_name} split", len(x))
+    sp = predict_probs(student.model, x, batch_size=batch_size, progress=reporter.advance)
+    reporter.stop()
+    report = compare_report(tp, sp, y, labels, split_name)
+    report.update({"student_arch": cfg.train.arch, "student_sha256": student.sha256,
+                   "initialisation": initialisation, "teacher_members": teacher.hashes,
+                   "temperature": cfg.temperature, "alpha": cfg.alpha})
+    if latency_runs > 0:
+        reporter.message(f"timing teacher vs student (batch 1, {latency_runs} interleaved runs)")
+        report["latency"] = latency_pair(teacher.model, student.model, pre.size, runs=latency_runs,
+                                         threads=latency_threads)
+    return report
+
+
+def _display(path: str | os.PathLike) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
+    p = Path(path)
+    try:
+        return os.path.relpath(p)
+    except ValueError:
+        return str(p)
