@@ -18,8 +18,8 @@ from .errors import ConfigError, DataError, EdgeskinError
 
 app = typer.Typer(
     name="edgeskin",
-    help="Take skin-lesion classifier ensembles to the edge: train, evaluate (and, in later "
-    "releases, distill, quantize, compile, bench, predict).",
+    help="Take skin-lesion classifier ensembles to the edge: train, evaluate, distill, "
+    "quantize and compile into bundles, predict on the device.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -247,6 +247,107 @@ def train(
 
 
 @app.command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="The trained ensemble (folder of members; the shared reference layout works too)."),
+    output: Path = typer.Option(..., "--out", "-o", help="Folder for the student (student.pt/.json, split.csv, report.json). Re-running resumes."),
+    student: str = typer.Option("resnet50", "--student", help="resnet50 (default) | resnet18 | mobilenet_v3_large."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: the teacher's split.csv."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
+    preset: str = typer.Option("quick", help="tiny | quick | reference | published: schedule defaults the options below override."),
+    init: str = typer.Option("auto", help="auto (ImageNet if present, else the best teacher member of the same architecture, else random) | imagenet | member | scratch."),
+    member: Optional[str] = typer.Option(None, help="Member copied by --init member (default: best validation balanced accuracy)."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the distillation term (scaled by T²)."),
+    alpha: float = typer.Option(0.7, help="Weight of the distillation term; 1 - alpha goes to the hard-label loss."),
+    loss: str = typer.Option("wce", help="Hard-label loss: wce | focal | ce."),
+    focal_gamma: float = typer.Option(2.0, help="Focal loss gamma."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment training views (the teacher runs online on the same view). Off: teacher outputs are cached once."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: the preset's, a third of it when starting from a teacher member."),
+    pretrained: str = typer.Option("auto", help="For ImageNet initialisation: auto (torchvision's cache) | FILE."),
+    patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
+    seed: int = typer.Option(0, help="Seed."),
+    bf16: str = typer.Option("auto", help="bfloat16 autocast for student and teacher: auto | on | off."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
+    report_on: str = typer.Option("test", "--report-on", help="Split of the final student-vs-teacher report: test | val | none."),
+    latency_runs: int = typer.Option(30, help="Interleaved batch-1 runs timing teacher vs student (0: skip)."),
+    latency_threads: Optional[int] = typer.Option(None, help="Threads for the latency runs (default: the engines' choice)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
+) -> None:
+    """Distil an ensemble (mean of its members' softmax) into one student network.
+
+    Loss: alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · hard-label loss. The student is
+    trained by the same loop as `edgeskin train` (warm-up + cosine, early stopping on validation
+    balanced accuracy, resume, torchrun), then compared with the teacher on the test split.
+    """
+    from .data import read_split
+    from .train import PRESETS, DistillConfig, TrainConfig, distill as run_distill
+    from .train.loop import dist_info, init_distributed_from_env
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    if report_on not in ("test", "val", "none"):
+        raise ConfigError(f"--report-on {report_on!r}", "choose test, val or none")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    kw: dict[str, Any] = {k: v for k, v in PRESETS[preset].items() if k != "arch"}
+    kw["arch"] = student
+    for k, v in {"epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}.items():
+        if v is not None:
+            kw[k] = v
+    base_lr = lr if lr is not None else TrainConfig(**kw).lr
+    if lr is None and init == "member":
+        base_lr = base_lr / 3
+    kw["lr"] = base_lr
+    pre = None if pretrained in ("auto", "none") else str(Path(pretrained))
+    tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma, pretrained=pre or "auto", patience=patience, seed=seed,
+                       bf16=bf16, **({} if augment else {"augment": None}), **kw)
+    cfg = DistillConfig(train=tcfg, temperature=temperature, alpha=alpha, init=init, member=member)
+    init_distributed_from_env()
+    rank, _ = dist_info()
+    ds = _load_data(data, images, skip_bad)
+    s = read_split(_split_for(split_file, teacher))
+    if rank == 0:
+        err.print(f"distilling {teacher} into {student} (T={temperature}, alpha={alpha}, hard loss {loss}, "
+                  f"≤{tcfg.epochs} epochs, augmentation {'on' if augment else 'off'})")
+    res = run_distill(teacher, cfg, dataset=ds, split=s, out_dir=output,
+                      report_split=None if report_on == "none" else report_on, latency_runs=latency_runs,
+                      latency_threads=latency_threads,
+                      reporter=_reporter(quiet=rank != 0), skip_bad=skip_bad)
+    if rank != 0:
+        return
+    out.print(f"student: {res.checkpoint} (best epoch {res.best_epoch}, val balanced {_pct(res.best_score)}%"
+              + (", already trained" if res.skipped else "") + ")")
+    if res.report:
+        out.print(distill_table(res.report))
+
+
+def distill_table(r: dict[str, Any]) -> Table:
+    """Student vs teacher: accuracy, melanoma sensitivity, agreement and latency per engine."""
+    pos = r["teacher"].get("positive_class", "mel")
+    lat = {k: v for k, v in (r.get("latency") or {}).items() if "teacher" in v}
+    t = Table(title=f"Student vs teacher on the {r['split']} split ({r['n']} images)")
+    cols = ["model", "top-1", "top-2", "top-3", "bal.acc", f"{pos} sens", "agreement"]
+    cols += [f"{engine} p50 ms" for engine in lat]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for who in ("teacher", "student"):
+        m = r[who]
+        t.add_row(who, _pct(m["top1"]), _pct(m["top2"]), _pct(m["top3"]), _pct(m["balanced_accuracy"]),
+                  _pct(m.get(f"{pos}_sensitivity")), "" if who == "teacher" else _pct(r["top1_agreement"]),
+                  *[f"{v[who]['p50_ms']:.1f}" for v in lat.values()])
+    d = r["drops_points"]
+    ratios = ", ".join(f"{engine} {v['student_over_teacher']:.2f}" for engine, v in lat.items())
+    t.caption = (f"drops (points): top-1 {d['top1']:.2f}, balanced {d['balanced']:.2f}"
+                 + (f"; student latency / teacher latency (batch 1): {ratios}" if ratios else ""))
+    return t
+
+
+@app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="Ensemble folder (or one member's .json)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set. Default: $EDGESKIN_DATA."),
@@ -360,7 +461,9 @@ def compile_cmd(
     fallback: Optional[float] = typer.Option(None, "--float-fallback", help="Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val reaches this (e.g. 0.98)."),
     fallback_max_layers: int = typer.Option(12, help="At most this many quantizers kept in float by --float-fallback."),
     control_metric: str = typer.Option("agreement", help="What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of balanced acc. and mel recall)."),
-    opset: int = typer.Option(17, help="ONNX opset."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 17 for cpu; the device profile's highest for jetson)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device profile (see `edgeskin devices`); jetson default: jetson-orin-nano."),
+    jetpack: Optional[str] = typer.Option(None, "--jetpack", help="JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it misses the budget (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
@@ -385,7 +488,7 @@ def compile_cmd(
                         max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
                         fallback_max_layers=fallback_max_layers)
     res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
-                     budget=budget, quantize=q, opset=opset, force=force, overwrite=overwrite, threads=threads,
+                     budget=budget, quantize=q, opset=opset, device=device, jetpack=jetpack, force=force, overwrite=overwrite, threads=threads,
                      reporter=_reporter())
     c = res.check
     t = Table(title=f"{tg.name}/{precision} vs FP32 on the validation split ({c['n']} images)")
@@ -401,6 +504,10 @@ def compile_cmd(
     size = sum(f["bytes"] for f in res.manifest.files.values())
     status = "[yellow]FORCED past its budget[/yellow]" if res.forced else "[green]within budget[/green]"
     out.print(f"wrote {res.bundle} ({size / 1e6:.1f} MB, {status})")
+    e = res.manifest.engine
+    if e.get("name") == "tensorrt":
+        out.print(f"TensorRT {e['tensorrt']} (JetPack {e['jetpack']}, {e['device']}), opset {e['opset']}; "
+                  f"build the engine on the device with `edgeskin engine build {res.bundle}` or:\n  {e['trtexec']}")
 
 
 @bundle_app.command("verify")
@@ -413,6 +520,21 @@ def bundle_verify(bundle: Path = typer.Argument(..., help="Bundle folder or zip.
     m = r.manifest
     out.print(f"[green]ok[/green] {bundle}: schema {m.schema_version}, target {m.target}/{m.precision}, "
               f"{len(names)} files verified ({', '.join(names)})")
+    if m.engine.get("name") == "tensorrt":
+        import onnx
+
+        from .quantize.tensorrt import validate_tensorrt_onnx
+
+        report = validate_tensorrt_onnx(onnx.load_from_string(r.read(m.model_file)),
+                                        max_opset=int(m.engine.get("opset", 17)))
+        t = Table(title=f"TensorRT form (TensorRT {m.engine.get('tensorrt')}, opset ≤ {m.engine.get('opset')})")
+        for col in ("rule", "result", "detail"):
+            t.add_column(col)
+        for res in report.results:
+            t.add_row(res.rule, "[green]pass[/green]" if res.passed else "[red]FAIL[/red]",
+                      res.detail + (f" ({', '.join(res.nodes[:5])})" if res.nodes else ""))
+        out.print(t)
+        report.raise_if_failed(f"{bundle}/{m.model_file}")
 
 
 @bundle_app.command("pack")
@@ -434,14 +556,70 @@ def bundle_show(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")
 
 
 @app.command()
+def devices(
+    show: Optional[str] = typer.Option(None, "--show", help="Print one profile in full (JSON)."),
+) -> None:
+    """List the device profiles: runtime versions, opset, precisions, DLA cores and budgets.
+
+    Profiles are TOML files in edgeskin/devices/; $EDGESKIN_DEVICES names a folder of your own.
+    """
+    from .profiles import get_profile, load_profiles
+
+    if show:
+        out.print_json(json.dumps(get_profile(show).to_dict()))
+        return
+    t = Table(title="Device profiles")
+    for col in ("device", "aliases", "target", "precisions", "JetPack / TensorRT / max opset", "DLA", "budget"):
+        t.add_column(col)
+    for p in load_profiles().values():
+        jps = "\n".join(f"{j.version} / {j.tensorrt} / {j.max_opset}" + (" (default)" if j.version == p.default_jetpack else "")
+                        for j in p.jetpacks) or "-"
+        b = p.budget
+        budget = (p.max_drop() + (f", agreement ≥ {100 * b['min_agreement']:.0f}%" if "min_agreement" in b else "")
+                  + (f", ≤ {b['max_latency_ms']:g} ms" if "max_latency_ms" in b else ""))
+        t.add_row(p.name, ", ".join(p.aliases), p.target, ", ".join(p.precisions), jps,
+                  str(p.dla_cores) if p.kind == "jetson" else "-", budget)
+    out.print(t)
+
+
+engine_app = typer.Typer(help="TensorRT engines on the Jetson.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("build")
+def engine_build(
+    bundle: Path = typer.Argument(..., help="A jetson bundle folder."),
+    precision: Optional[str] = typer.Option(None, help="int8 | fp16 (default: the bundle's)."),
+    dla: Optional[int] = typer.Option(None, "--dla", help="DLA core to build for (with GPU fallback)."),
+    workspace_mb: Optional[int] = typer.Option(None, help="Builder workspace (default: the device profile's)."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default: ~/.cache/edgeskin/tensorrt/)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if an engine for this TensorRT and GPU exists."),
+) -> None:
+    """Build the TensorRT engine on this Jetson, self-test it against the bundle's golden
+    outputs, and add it to the bundle (TensorRT version, GPU name and sha256 in the manifest)."""
+    from .runtime.tensorrt import build_engine
+
+    rec = build_engine(bundle, precision=precision, dla=dla, workspace_mb=workspace_mb,
+                       timing_cache=timing_cache, rebuild=rebuild)
+    st = rec.get("selftest", {})
+    out.print(f"[green]engine ready[/green]: {rec['file']} (TensorRT {rec['tensorrt']}, {rec['gpu']}, "
+              f"{rec['bytes'] / 1e6:.1f} MB, built in {rec['build_seconds']} s"
+              + (f"; golden max |Δp| {st['max_abs_diff']:.2e} ≤ {st['tolerance']:g}" if st else "") + ")")
+
+
+@app.command()
 def selftest(
     bundle: Path = typer.Argument(..., help="Bundle folder or zip."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+    engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
 ) -> None:
     """Re-run the bundle's golden inputs on this machine and compare with the compile-time outputs."""
-    from .runtime import selftest as run_selftest
+    from .runtime import load, selftest as run_selftest
 
-    r = run_selftest(bundle, threads=threads)
+    pred = load(bundle, threads=threads, engine=engine)
+    if pred.host_proxy:
+        err.print("[yellow]host proxy[/yellow]: TensorRT is not installed here; the graph runs in ONNX Runtime")
+    r = run_selftest(pred)
     msg = (f"{r.n} golden inputs, max |Δp| {r.max_abs_diff:.2e} (tolerance {r.tolerance:.0e}), "
            f"top-1 agreement {100 * r.top1_agreement:.0f}%")
     if not r.passed:
@@ -458,6 +636,7 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per image)."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+    engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
 ) -> None:
     """Top-k labels with probabilities for each image.
 
@@ -474,7 +653,10 @@ def predict(
             files.append(p)
     if not files:
         raise DataError("no images given", "pass image files or folders holding .jpg/.png images")
-    pred = load(bundle, threads=threads)
+    pred = load(bundle, threads=threads, engine=engine)
+    if pred.host_proxy:
+        err.print("[yellow]host proxy[/yellow]: TensorRT is not installed here; the jetson graph runs in ONNX Runtime "
+                  "(close to TensorRT INT8 numerics, not its speed)")
     results: list[dict[str, Any]] = []
     failed = 0
     for f in files:

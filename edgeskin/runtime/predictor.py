@@ -51,14 +51,22 @@ class Predictor:
     """Runs one bundle. ``predict`` takes a path, bytes, a Pillow image, an HWC uint8 RGB array,
     a preprocessed (C, H, W) / (N, C, H, W) float32 array, or a list of those."""
 
-    def __init__(self, reader: BundleReader, *, threads: int | None = None) -> None:
+    def __init__(self, reader: BundleReader, *, threads: int | None = None, engine: str = "auto") -> None:
         self.reader = reader
         self.manifest: Manifest = reader.manifest
         self.labels = tuple(self.manifest.labels)
         self.preprocess_config = self.manifest.input.preprocess_config()
         model = reader.read(self.manifest.model_file)  # hash-checked
-        self.backend: Backend = make_backend(self.manifest.engine.get("name", "onnxruntime"), model,
-                                             threads=threads, input_name=self.manifest.input.name)
+        #: True when a device engine's graph runs in ONNX Runtime instead (a jetson bundle here)
+        self.host_proxy = False
+        name = self.manifest.engine.get("name", "onnxruntime")
+        if name == "tensorrt":
+            from .tensorrt import open_backend
+
+            self.backend, self.host_proxy = open_backend(reader, model, engine=engine, threads=threads,
+                                                         input_name=self.manifest.input.name)
+        else:
+            self.backend = make_backend(name, model, threads=threads, input_name=self.manifest.input.name)
 
     def close(self) -> None:
         """Release the bundle (a zip's file handle) and the engine."""
@@ -131,9 +139,13 @@ def _name(item: Any) -> str:
     return ""
 
 
-def load(bundle: str | os.PathLike, *, threads: int | None = None) -> Predictor:
-    """Open a bundle (folder or zip), check its schema and hashes, and build its engine."""
-    return Predictor(BundleReader(bundle), threads=threads)
+def load(bundle: str | os.PathLike, *, threads: int | None = None, engine: str = "auto") -> Predictor:
+    """Open a bundle (folder or zip), check its schema and hashes, and build its engine.
+
+    ``engine`` matters for jetson bundles: ``auto`` uses TensorRT when installed and the ONNX
+    Runtime host proxy otherwise; ``tensorrt`` or ``onnxruntime`` force one.
+    """
+    return Predictor(BundleReader(bundle), threads=threads, engine=engine)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,11 @@ class Target:
             raise ConfigError(f"target {self.name!r} cannot make {precision!r}",
                               f"choose one of: {', '.join(self.precisions)}")
 
+    def check_device_precision(self, profile: Any, precision: str) -> None:
+        if precision not in profile.precisions:
+            raise ConfigError(f"device {profile.name} does not run {precision}",
+                              f"choose one of: {', '.join(profile.precisions)}")
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()

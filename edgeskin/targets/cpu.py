@@ -36,14 +36,29 @@ def toolchain_versions(*modules: str) -> dict[str, str]:
     return out
 
 
-class CpuTarget(Target):
-    name = "cpu"
-    aliases = ("onnx", "ort", "onnxruntime")
-    precisions = ("fp32", "int8")
-    needs_calibration = ("int8",)
-    extras = ("compress", "runtime")
-    engine = "onnxruntime"
-    description = "host CPU through ONNX Runtime (fp32, or NNCF INT8 in ORT's fast QDQ form)"
+class OnnxTarget(Target):
+    """A target whose artefact is an ONNX graph: export, optional NNCF INT8, verification through
+    the runtime, bundle. Subclasses adapt the opset, the engine record and the INT8 form."""
+
+    #: the device profile used when none is given
+    default_device: str | None = None
+
+    def resolve_opset(self, opset: int | None, device: Any) -> int:
+        return 17 if opset is None else int(opset)
+
+    def engine_record(self, precision: str, opset: int, device: Any, input_spec: InputSpec) -> dict[str, Any]:
+        return {"name": "onnxruntime", "format": "onnx", "opset": opset, "providers": ["CPUExecutionProvider"]}
+
+    def finish(self, proto: Any, precision: str, record: dict[str, Any], device: Any) -> tuple[Any, dict | None]:
+        """Last rewrite of the graph before it is verified and bundled, and the checks made on
+        it (recorded in the manifest). Default: neither."""
+        return proto, None
+
+    def golden_tolerance(self, precision: str) -> float:
+        return 1e-4 if precision == "fp32" else 1e-2
+
+    def toolchain(self) -> dict[str, str]:
+        return toolchain_versions("torch", "onnx", "onnxruntime", "nncf", "numpy")
 
     def compile(
         self,
@@ -57,7 +72,9 @@ class CpuTarget(Target):
         member: str | None = None,
         budget: Budget = Budget(),
         quantize: QuantizeOptions = QuantizeOptions(),
-        opset: int = 17,
+        opset: int | None = None,
+        device: str | None = None,
+        jetpack: str | None = None,
         force: bool = False,
         overwrite: bool = False,
         threads: int | None = None,
@@ -70,10 +87,24 @@ class CpuTarget(Target):
         if precision in self.needs_calibration and calibration is None:
             raise ConfigError(f"{self.name}/{precision} needs a calibration set",
                               "make one with `edgeskin calib make` and pass --calib calibration/NAME.json")
+        from ..profiles import get_profile
+
+        profile = get_profile(device or self.default_device) if (device or self.default_device) else None
+        if profile is not None and profile.target != self.name:
+            raise ConfigError(f"device {profile.name} is a {profile.target} device, not a {self.name} one",
+                              f"pass --target {profile.target}, or another --device")
+        if profile is not None:
+            self.check_device_precision(profile, precision)
+        dev = (profile, profile.jetpack(jetpack) if profile is not None and profile.jetpacks else None)
+        opset = self.resolve_opset(opset, dev)
         prep = prepare(model, dataset=dataset, split=split, member=member, opset=opset, reporter=reporter,
                        threads=threads)
         try:
             provenance = prep.provenance(split)
+            if profile is not None:
+                provenance["device"] = {"profile": profile.name, "title": profile.title,
+                                        **({"jetpack": dev[1].to_dict()} if dev[1] is not None else {})}
+            record: dict[str, Any] = {}
             proto = onnx.load(prep.onnx_path)
             if precision == "int8":
                 assert calibration is not None
@@ -104,16 +135,19 @@ class CpuTarget(Target):
                                      f"{100 * fb['final_agreement']:.2f}%")
                 provenance["calibration"] = calibration.summary()
                 provenance["quantization"] = record
+            proto, checks = self.finish(proto, precision, record, dev)
+            if checks is not None:
+                provenance["artefact_checks"] = checks
             model_bytes = proto.SerializeToString()
+            input_spec = InputSpec.from_preprocess(prep.preprocess)
             manifest = base_manifest(
                 name=Path(out).name.removesuffix(".edgeskin"),
                 target=self.name, precision=precision,
-                engine={"name": "onnxruntime", "format": "onnx", "opset": opset,
-                        "providers": ["CPUExecutionProvider"]},
-                input=InputSpec.from_preprocess(prep.preprocess),
+                engine=self.engine_record(precision, opset, dev, input_spec),
+                input=input_spec,
                 labels=tuple(prep.labels.codes), label_set=prep.labels.name, model_file="model.onnx",
                 output={"name": "logits", "kind": "logits"},
-                toolchain=toolchain_versions("torch", "onnx", "onnxruntime", "nncf", "numpy"),
+                toolchain=self.toolchain(),
                 provenance=provenance,
             )
             reporter.start(f"checking the {precision} artefact through the runtime", len(prep.val_inputs))
@@ -122,13 +156,23 @@ class CpuTarget(Target):
                     manifest=manifest, files={"model.onnx": model_bytes, "labels.txt": labels_txt(manifest.labels)},
                     val_inputs=prep.val_inputs, val_labels=prep.val_labels, val_ids=prep.val_ids,
                     reference_probs=prep.fp32_probs, budget=budget, out=Path(out), force=force,
-                    overwrite=overwrite, golden_n=golden_n, golden_tolerance=1e-4 if precision == "fp32" else 1e-2,
+                    overwrite=overwrite, golden_n=golden_n, golden_tolerance=self.golden_tolerance(precision),
                     threads=threads, progress=reporter.advance)
             finally:
                 reporter.stop()
             return res
         finally:
             prep.close()
+
+
+class CpuTarget(OnnxTarget):
+    name = "cpu"
+    aliases = ("onnx", "ort", "onnxruntime")
+    precisions = ("fp32", "int8")
+    needs_calibration = ("int8",)
+    extras = ("compress", "runtime")
+    engine = "onnxruntime"
+    description = "host CPU through ONNX Runtime (fp32, or NNCF INT8 in ORT's fast QDQ form)"
 
 
 def _metric_fn(y: np.ndarray, codes: tuple[str, ...], threads: int | None, kind: str,  # noqa: ANN202
