@@ -465,6 +465,9 @@ def compile_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="Device profile (see `edgeskin devices`); jetson default: jetson-orin-nano."),
     jetpack: Optional[str] = typer.Option(None, "--jetpack", help="JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
+    layout: str = typer.Option("NHWC", help="tflite: input layout NHWC (phones) | NCHW."),
+    int8_adds: bool = typer.Option(False, "--int8-adds/--float-adds", help="tflite int8: quantize the residual additions too (all-integer graph for NPU delegates)."),
+    observer: str = typer.Option("histogram", help="tflite int8: activation range observer, histogram (litert's default) | minmax (faster calibration)."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it misses the budget (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
 ) -> None:
@@ -487,7 +490,14 @@ def compile_cmd(
                         ignored=tuple(ignore or ()), keep_head_float=head_float, first_conv_float=first_conv_float, range_estimator=range_estimator,
                         max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
                         fallback_max_layers=fallback_max_layers)
-    res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
+    if tg.name == "tflite":
+        res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
+                         budget=budget, layout=layout.upper(), int8_adds=int8_adds, observer=observer,
+                         first_conv_float=first_conv_float,
+                         subset_size=subset_size, device=device, force=force, overwrite=overwrite, threads=threads,
+                         reporter=_reporter())
+    else:
+        res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
                      budget=budget, quantize=q, opset=opset, device=device, jetpack=jetpack, force=force, overwrite=overwrite, threads=threads,
                      reporter=_reporter())
     c = res.check

@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..bundle import BundleReader, Manifest
+from ..bundle import BundleError, BundleReader, Manifest
 from ..errors import ConfigError
 from ..preprocess import ImageSource, preprocess
 from .backends import Backend, make_backend
@@ -67,6 +67,24 @@ class Predictor:
                                                          input_name=self.manifest.input.name)
         else:
             self.backend = make_backend(name, model, threads=threads, input_name=self.manifest.input.name)
+        if getattr(self.backend, "handles_quantization", False):
+            self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        """The manifest's int8 input/output parameters must be the model's own (an app that
+        quantizes by the manifest would otherwise feed the model wrong numbers)."""
+        b = self.backend
+        spec, out = self.manifest.input, self.manifest.output
+        pairs = [("input", b.input_quant, (spec.scale, spec.zero_point) if spec.dtype != "float32" else None),
+                 ("output", b.output_quant, (out.get("scale"), out.get("zero_point")) if out.get("scale") is not None else None)]
+        for what, model_q, manifest_q in pairs:
+            bad = (model_q is None) != (manifest_q is None) or (
+                model_q is not None and (abs(float(manifest_q[0]) - model_q[0]) > 1e-6 * max(1.0, model_q[0])
+                                         or int(manifest_q[1]) != model_q[1]))
+            if bad:
+                raise BundleError(
+                    f"{self.reader.path}: the manifest's {what} quantization {manifest_q} is not the model's own "
+                    f"{model_q}", "the bundle was edited or mis-built; re-compile it")
 
     def close(self) -> None:
         """Release the bundle (a zip's file handle) and the engine."""
@@ -110,6 +128,8 @@ class Predictor:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs for a preprocessed batch (N, C, H, W) or (N, H, W, C)."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
+        if getattr(self.backend, "handles_quantization", False):  # from the model's own parameters
+            return np.asarray(self.backend.run(x), dtype=np.float64)
         y = self.backend.run(self._quantize_input(x))
         out = self.manifest.output
         if out.get("scale") is not None:  # integer outputs

@@ -1,0 +1,1 @@
+"""Third-party code kept as shipped (see each file's header)."""
