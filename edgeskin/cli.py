@@ -467,7 +467,7 @@ def compile_cmd(
     threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
     layout: str = typer.Option("NHWC", help="tflite: input layout NHWC (phones) | NCHW."),
     int8_adds: bool = typer.Option(False, "--int8-adds/--float-adds", help="tflite int8: quantize the residual additions too (all-integer graph for NPU delegates)."),
-    observer: str = typer.Option("histogram", help="tflite int8: activation range observer, histogram (litert's default) | minmax (faster calibration)."),
+    observer: str = typer.Option("mean_minmax", help="tflite int8: activation ranges, mean_minmax (moving average of each image's min/max; the default) | histogram (litert's default) | minmax."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if it misses the budget (recorded in the manifest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
 ) -> None:
@@ -518,6 +518,95 @@ def compile_cmd(
     if e.get("name") == "tensorrt":
         out.print(f"TensorRT {e['tensorrt']} (JetPack {e['jetpack']}, {e['device']}), opset {e['opset']}; "
                   f"build the engine on the device with `edgeskin engine build {res.bundle}` or:\n  {e['trtexec']}")
+
+
+@app.command()
+def bench(
+    reference: Path = typer.Option(..., "--reference", "-r", help="The full-precision ensemble (folder), or a reference-predictions file (.npz) made by --save-reference (no torch needed)."),
+    bundles: Optional[List[Path]] = typer.Option(None, "--bundle", "-b", help="A bundle to bench (folder or zip). Repeatable."),
+    student: Optional[Path] = typer.Option(None, "--student", help="The FP32 student (checkpoint folder/.json): adds its row, and is what --targets compiles."),
+    targets_spec: Optional[str] = typer.Option(None, "--targets", help="Compile these from --student first, e.g. cpu:int8,jetson:int8,tflite:int8 (a bare name means int8)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest for --targets int8."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set holding the images. Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file (default: the reference's split.csv). Not needed with a predictions file."),
+    on: str = typer.Option("test", "--on", help="Split to bench on: test | val | train | all (all: every image of --data, e.g. an ISIC 2018 ground-truth CSV)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device profile whose budgets apply (see `edgeskin devices`)."),
+    max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points, e.g. top1=0.5,balanced=1.5,mel_recall=2 (overrides the profile's)."),
+    max_latency: Optional[float] = typer.Option(None, "--max-latency", help="Largest batch-1 p90 latency in ms."),
+    against: str = typer.Option("auto", help="Budgets compare each bundle with: auto (the FP32 student if given, else the ensemble) | student | ensemble."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads for every bundle."),
+    runs: int = typer.Option(50, help="Timed batch-1 runs per bundle (after warm-up)."),
+    engine: str = typer.Option("auto", help="Jetson bundles: auto | tensorrt | onnxruntime (host proxy)."),
+    save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Also write the reference predictions here (to bench on a device without torch)."),
+    output: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for report.json, report.md and the plots."),
+) -> None:
+    """Bench bundles against the full-precision ensemble: accuracy, per-class recall, melanoma
+    sensitivity, flips with McNemar's test, bootstrap intervals, latency, memory; gated by budgets.
+
+    Exit code 4 when a budget is breached (the message names the row and the metric).
+    """
+    from .bench import BenchBudget, BenchConfig, ReferencePredictions, run_bench
+    from .bench.report import rich_table, write_reports
+    from .data import read_split
+
+    ds = _load_data(data, None, False)
+    profile = None
+    if device:
+        from .profiles import get_profile
+
+        profile = get_profile(device)
+    budget = BenchBudget.parse(max_drop, max_latency, against=against, profile=profile)
+    if reference.suffix == ".npz" or reference.is_file():
+        ref = ReferencePredictions.load(reference)
+        split = None
+    else:
+        from .bench import reference_from_models
+
+        split = read_split(_split_for(split_file, reference))
+        if on == "all":
+            raise ConfigError("--on all needs a reference-predictions file or a data set without a split",
+                              "pass --on test|val|train")
+        ref = reference_from_models(reference, dataset=ds, split=split, split_name=on, student=student,
+                                    threads=threads, reporter=_reporter())
+        if save_reference:
+            ref.save(save_reference)
+            out.print(f"wrote reference predictions {save_reference} ({len(ref.image_ids)} images)")
+    bundle_paths = list(bundles or [])
+    extra_rows: list[dict[str, Any]] = []
+    if targets_spec:
+        if student is None:
+            raise ConfigError("--targets compiles the student", "pass --student CHECKPOINT")
+        from .calibration import read_calibration_set
+        from .targets import Budget, get_target
+
+        split = split or read_split(_split_for(split_file, student))
+        cal = read_calibration_set(calib) if calib else None
+        for item in [t.strip() for t in targets_spec.split(",") if t.strip()]:
+            name, _, prec = item.partition(":")
+            prec = prec or "int8"
+            dest = output / "bundles" / f"{name}-{prec}.edgeskin"
+            try:
+                tg = get_target(name)
+                res = tg.compile(student, precision=prec, dataset=ds, split=split, out=dest, calibration=cal,
+                                 budget=Budget(), force=True, overwrite=True, threads=threads, reporter=_reporter())
+                bundle_paths.append(res.bundle)
+            except EdgeskinError as exc:
+                extra_rows.append({"row": f"{name}/{prec}", "kind": "bundle", "status": "failed",
+                                   "error": f"compile: {exc.message}"})
+    report = run_bench(ref, bundle_paths, dataset=ds, budget=budget,
+                       config=BenchConfig(threads=threads, runs=runs, engine=engine), extra_rows=extra_rows,
+                       reporter=_reporter())
+    out.print(rich_table(report))
+    files = write_reports(report, output)
+    out.print(f"wrote {files['json']}, {files['markdown']}" + (f", {', '.join(files['plots'])}" if files["plots"]
+                                                                 else " (plots skipped: pip install 'edgeskin[bench]')"))
+    if report.breaches:
+        from .bench import BudgetBreach
+
+        raise BudgetBreach("budget breached: " + "; ".join(report.breaches),
+                           "see report.md; relax the budget only with a reason")
+    if budget.active():
+        out.print("[green]every bundle within budget[/green]")
 
 
 @bundle_app.command("verify")

@@ -35,7 +35,7 @@ from .prepare import calibration_inputs, select_member
 from .registry import register
 
 LAYOUTS = ("NHWC", "NCHW")
-OBSERVERS = ("histogram", "minmax")
+OBSERVERS = ("histogram", "minmax", "mean_minmax")
 
 
 def _residual_quantizer_class() -> Any:
@@ -109,12 +109,15 @@ def _quantization_config(observer: str) -> Any:
     cfg = get_symmetric_quantization_config(is_per_channel=True)
     if observer == "histogram":
         return cfg
-    # MinMax activation observer: much faster calibration than the histogram default
     import dataclasses
 
-    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
-    act = dataclasses.replace(cfg.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    if observer == "minmax":  # global min/max: fast, hostage to rare outliers
+        ctr = MinMaxObserver.with_args(eps=2**-12)
+    else:  # mean_minmax: a slow moving average of each image's min/max (NNCF's default estimator)
+        ctr = MovingAverageMinMaxObserver.with_args(averaging_constant=0.01, eps=2**-12)
+    act = dataclasses.replace(cfg.input_activation, observer_or_fake_quant_ctr=ctr)
     return dataclasses.replace(cfg, input_activation=act, output_activation=act)
 
 
@@ -163,7 +166,7 @@ class TfliteTarget(Target):
         layout: str = "NHWC",
         int8_adds: bool = False,
         first_conv_float: bool = False,
-        observer: str = "histogram",
+        observer: str = "mean_minmax",
         subset_size: int = 256,
         device: str | None = None,
         force: bool = False,
