@@ -1,5 +1,14 @@
-"""Benchmarking through the runtime (so the numbers are those of the code that ships)."""
+"""Benchmarking through the runtime (so the numbers are those of the code that ships).
+
+Light: numpy + the runtime. Only :func:`reference_from_models` (evaluating an ensemble here)
+imports torch, inside the function.
+"""
 
 from .latency import LatencyStats, interleaved_latency
+from .reference import ReferencePredictions, reference_from_models
+from .runner import BenchBudget, BenchConfig, BenchReport, BudgetBreach, check_budget, row_metrics, run_bench
+from .stats import bootstrap_drop, mcnemar, sensitivity_specificity, threshold_at_specificity
 
-__all__ = ["LatencyStats", "interleaved_latency"]
+__all__ = ["LatencyStats", "interleaved_latency", "ReferencePredictions", "reference_from_models", "BenchBudget",
+           "BenchConfig", "BenchReport", "BudgetBreach", "check_budget", "row_metrics", "run_bench",
+           "bootstrap_drop", "mcnemar", "sensitivity_specificity", "threshold_at_specificity"]

@@ -1,0 +1,197 @@
+"""The bench: metric math on hand-computed cases, budgets and their exit code, a failing bundle
+as a row, device mode from a predictions file without torch, and the reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from _bundles import run_cli, shared
+from conftest import REPO
+from edgeskin.bench import (BenchBudget, ReferencePredictions, bootstrap_drop, check_budget, mcnemar, row_metrics,
+                            sensitivity_specificity, threshold_at_specificity)
+from edgeskin.errors import ConfigError
+from edgeskin.metrics import classification_report
+
+CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return shared(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref_file(built, tmp_path_factory):
+    from edgeskin.bench import reference_from_models
+    from edgeskin.data import load_dataset, read_split
+
+    ref = reference_from_models(built.model_dir, dataset=load_dataset(built.data), split=read_split(built.split_file),
+                                student=built.model_dir, latency_runs=3, threads=1)
+    return ref.save(tmp_path_factory.mktemp("ref") / "ref.npz")
+
+
+# ---------------------------------------------------------------- math
+
+def test_topk_with_ties_breaks_towards_the_lower_index():
+    p = np.array([[0.4, 0.4, 0.2], [0.2, 0.4, 0.4], [0.1, 0.1, 0.8]])
+    y = np.array([1, 2, 1])
+    r = classification_report(p, y, ["a", "b", "c"])
+    # row 0: tie a/b -> a first: top-1 wrong, top-2 right; row 1: tie b/c -> b: wrong, top-2 right;
+    # row 2: c, then tie a/b -> a: top-2 wrong, top-3 right
+    assert r["top1"] == 0.0 and r["top2"] == pytest.approx(2 / 3) and r["top3"] == 1.0
+
+
+def test_balanced_accuracy_and_ece_by_hand():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    y = np.array([0, 0, 0, 1, 1])
+    r = classification_report(p, y, ["a", "b"])
+    assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # confidences 0.9 0.8 0.7 0.6 0.8 (15 bins): bins {0.9: right}, {0.8: right, right... } by hand:
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.8])
+    correct = np.array([1, 1, 0, 0, 1])
+    ece = sum(abs(correct[m].mean() - conf[m].mean()) * m.mean()
+              for m in (conf == 0.9, conf == 0.8, conf == 0.7, conf == 0.6))
+    assert r["ece"] == pytest.approx(ece)
+
+
+def test_mcnemar_exact_p_values_by_hand():
+    before = np.array([1] * 5 + [0] * 0 + [1] * 10, dtype=bool)
+    after = np.array([0] * 5 + [1] * 10, dtype=bool)
+    r = mcnemar(before, after)
+    assert (r["b"], r["c"]) == (5, 0) and r["p_value"] == pytest.approx(2 * 0.5 ** 5)
+    same = mcnemar(np.array([1, 0, 1, 0], bool), np.array([0, 1, 1, 0], bool))
+    assert (same["b"], same["c"]) == (1, 1) and same["p_value"] == 1.0
+    # b=1, c=7: P(X<=1), X~Bin(8, 1/2) = 9/256, two-sided 18/256
+    a = np.array([1] + [0] * 7, bool)
+    r = mcnemar(a, ~a)
+    assert r["p_value"] == pytest.approx(18 / 256)
+    assert mcnemar(np.ones(3, bool), np.ones(3, bool))["p_value"] == 1.0
+
+
+def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+
+    def top1(p, t):
+        return 100 * float(np.mean(p.argmax(1) == t))
+
+    widths = []
+    for n in (100, 1600):
+        y = rng.integers(0, 3, n)
+        ref = np.eye(3)[np.where(rng.random(n) < 0.7, y, (y + 1) % 3)]
+        new = np.eye(3)[np.where(rng.random(n) < 0.65, y, (y + 1) % 3)]
+        ci = bootstrap_drop(top1, ref, new, y, n_boot=400, seed=1)
+        assert ci["low"] <= ci["point"] <= ci["high"]
+        assert ci["point"] == pytest.approx(top1(ref, y) - top1(new, y))
+        widths.append(ci["high"] - ci["low"])
+    assert widths[1] < widths[0]
+
+
+def test_operating_point_at_fixed_specificity_by_hand():
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    pos = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1], bool)
+    t = threshold_at_specificity(score, pos, 0.75)  # 6 of 8 negatives must stay below t
+    sens, spec = sensitivity_specificity(score, pos, t)
+    assert t == pytest.approx(0.7) and spec == pytest.approx(0.75) and sens == 1.0
+    t = threshold_at_specificity(score, pos, 1.0)
+    assert sensitivity_specificity(score, pos, t) == (1.0, 1.0)
+
+
+def test_row_metrics_drops_flips_and_malignant_rule():
+    y = np.array([4, 4, 5, 5, 1, 0])  # mel mel nv nv bcc akiec
+    ens = np.full((6, 7), 0.01)
+    ens[np.arange(6), y] = 0.94
+    new = ens.copy()
+    new[0] = 0.01
+    new[0, 5] = 0.94  # one melanoma now called nv
+    r = row_metrics(new, y, CODES, ensemble=ens, student=None, mel_threshold_ens=0.5, specificity=0.9,
+                    n_boot=50, seed=0)
+    assert r["flips_vs_ensemble"] == 1 and r["mcnemar_vs_ensemble"]["b"] == 1
+    assert r["drops_vs_ensemble"]["top1"] == pytest.approx(100 / 6)
+    assert r["drops_vs_ensemble"]["mel_recall"] == pytest.approx(50.0)
+    assert r["per_class_recall_drop_vs_ensemble"]["mel"] == pytest.approx(50.0)
+    assert r["malignant_vs_benign"]["sensitivity"] == pytest.approx(3 / 4)  # P(mal) of image 0 is 0.03
+    assert r["mel_at_ensemble_operating_point"]["sensitivity"] == 0.5
+
+
+def test_budget_parsing_and_breaches_name_row_and_metric():
+    b = BenchBudget.parse("top1=0.5,balanced=1.5", 20)
+    rows = [{"row": "cpu/int8", "kind": "bundle", "status": "ok",
+             "drops_vs_ensemble": {"top1": 0.7, "balanced": 1.0, "mel_recall": 3.0},
+             "latency_batch1": {"p90_ms": 25.0}},
+            {"row": "tflite/int8", "kind": "bundle", "status": "failed", "error": "boom"},
+            {"row": "ensemble", "kind": "reference", "status": "ok", "drops_vs_ensemble": {"top1": 9}}]
+    out = check_budget(rows, b, "ensemble")
+    assert any(m.startswith("cpu/int8: top1 drop 0.70") for m in out)
+    assert any("cpu/int8: p90 latency 25.0 ms > 20 ms" == m for m in out)
+    assert any(m.startswith("tflite/int8: failed") for m in out)
+    assert not any("balanced" in m or "ensemble:" in m for m in out)
+    with pytest.raises(ConfigError):
+        BenchBudget.parse("top1=abc")
+    from edgeskin.profiles import get_profile
+
+    prof = BenchBudget.parse(None, profile=get_profile("orin-nano"))
+    assert prof.top1 == 0.5 and prof.max_latency_ms == 20.0
+
+
+def test_reference_file_round_trips(ref_file):
+    ref = ReferencePredictions.load(ref_file)
+    assert set(ref.probs) == {"ensemble", "student"} and ref.codes == CODES
+    assert ReferencePredictions.load(ref_file).sha256() == ref.sha256()
+    assert ref.info["rows"]["ensemble"]["latency_batch1"]["p50_ms"] > 0
+
+
+# ---------------------------------------------------------------- the command
+
+def test_bench_rows_reports_failing_bundle_and_budget_exit(built, ref_file, tmp_path):
+    broken = tmp_path / "broken.edgeskin"
+    shutil.copytree(built.int8, broken)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    out = tmp_path / "bench"
+    r = run_cli("bench", "--reference", str(ref_file), "--bundle", str(built.fp32), "--bundle", str(broken),
+                "--bundle", str(built.int8), "--data", str(built.data), "--out", str(out), "--runs", "5",
+                "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    rows = {x["row"]: x for x in rep["rows"]}
+    assert rows["ensemble"]["status"] == "ok" and rows["student/fp32"]["status"] == "ok"
+    assert rows["cpu/fp32"]["status"] == "ok" and rows["cpu/int8"]["status"] == "ok"
+    failed = [x for x in rep["rows"] if x["status"] == "failed"]
+    assert len(failed) == 1 and "modified" in failed[0]["error"]
+    fp32 = rows["cpu/fp32"]
+    assert fp32["flips_vs_student"] == 0 and fp32["latency_batch1"]["runs"] == 5 and fp32["load_s"] > 0
+    assert fp32["peak_rss_mb"] > 0 and "8" in fp32["throughput"] and fp32["torch_loaded"] is False
+    assert (out / "report.md").read_text().count("| cpu/") >= 2
+    # a budget the int8 bundle cannot meet: exit 4, the row and metric named
+    r = run_cli("bench", "--reference", str(ref_file), "--bundle", str(built.int8), "--data", str(built.data),
+                "--out", str(tmp_path / "b2"), "--runs", "3", "--max-drop", "top1=-100", "--against", "ensemble")
+    assert r.returncode == 4, r.stderr
+    assert "cpu/int8: top1 drop" in r.stderr.replace("\n", " ")
+
+
+def test_bench_device_mode_runs_without_torch(built, ref_file, tmp_path):
+    from test_runtime import BLOCKER
+
+    out = tmp_path / "dev"
+    code = BLOCKER + textwrap.dedent(f"""
+        sys.argv = ["edgeskin", "bench", "--reference", {str(ref_file)!r}, "--bundle", {str(built.int8)!r},
+                    "--data", {str(built.data)!r}, "--out", {str(out)!r}, "--runs", "3"]
+        from edgeskin.cli import main
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, e.code
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not bad, bad
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    row = [x for x in rep["rows"] if x["row"] == "cpu/int8"][0]
+    assert row["status"] == "ok" and row["torch_loaded"] is False
