@@ -15,7 +15,6 @@ will build from, the validator's verdict and the artefact sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,18 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
-REF = SHARED / "models" / "ham10000-r50x3-112"
+from _common import HERE, best_reference_member, calibration_file, model_args, test_predictions
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
-    ap.add_argument("--model", type=Path, default=REF)
-    ap.add_argument("--member", default=None)
-    ap.add_argument("--split", type=Path, default=REF / "split.csv")
-    ap.add_argument("--calib", type=Path, default=None)
+    model_args(ap)
     ap.add_argument("--device", default="jetson-orin-nano")
     ap.add_argument("--jetpack", default=None)
     ap.add_argument("--first-conv-float", action="store_true")
@@ -45,20 +38,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeskin.calibration import read_calibration_set
-    from edgeskin.data import decode_dataset, eval_tensors, load_dataset, read_split
+    from edgeskin.data import load_dataset, read_split
     from edgeskin.fileio import atomic_write_bytes, write_json
     from edgeskin.metrics import classification_report
     from edgeskin.progress import RichReporter
     from edgeskin.quantize import QuantizeOptions
-    from edgeskin.runtime import load
     from edgeskin.targets import get_target
 
     rep = RichReporter()
-    member = args.member
-    if member is None and (args.model / "config.json").is_file():
-        cfg = json.loads((args.model / "config.json").read_text())
-        member = Path(max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])["file"]).stem
-    calib = args.calib or sorted((HERE.parent / "calibration").glob("train-512-seed0-*.json"))[0]
+    member = best_reference_member(args.model, args.member)
+    calib = calibration_file(args.calib)
     cal = read_calibration_set(calib)
     ds = load_dataset(args.data)
     split = read_split(args.split)
@@ -79,14 +68,8 @@ def main() -> None:
                                          force=True, overwrite=True, threads=args.threads, reporter=rep)
     bundles["cpu-int8"] = cpu_int8.bundle
 
-    preds = {p: load(b, threads=args.threads) for p, b in bundles.items()}
-    pre = preds["fp16"].preprocess_config
-    test, arrays = decode_dataset(split.apply(ds, "test"), pre)
-    x = eval_tensors(arrays, pre)
+    preds, x, y, probs = test_predictions(bundles, ds, split, threads=args.threads)
     codes = preds["fp16"].labels
-    y = np.array([codes.index(s.dx) for s in test.samples])
-    probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)])
-             for p, pr in preds.items()}
     reports = {p: classification_report(pr, y, codes) for p, pr in probs.items()}
     ref = probs["fp16"].argmax(1)  # the fp16 bundle's graph is the FP32 model (the host proxy runs FP32)
     m16 = preds["fp16"].manifest

@@ -22,18 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
-REF = SHARED / "models" / "ham10000-r50x3-112"
+from _common import HERE, best_reference_member, calibration_file, model_args, test_predictions
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
-    ap.add_argument("--model", type=Path, default=REF)
-    ap.add_argument("--member", default=None)
-    ap.add_argument("--split", type=Path, default=REF / "split.csv")
-    ap.add_argument("--calib", type=Path, default=None)
+    model_args(ap)
     ap.add_argument("--observer", default="mean_minmax")
     ap.add_argument("--subset-size", type=int, default=512)
     ap.add_argument("--int8-adds", action="store_true")
@@ -47,7 +41,7 @@ def main() -> None:
 
     from edgeskin.bench import interleaved_latency
     from edgeskin.calibration import read_calibration_set
-    from edgeskin.data import decode_dataset, eval_tensors, load_dataset, read_split
+    from edgeskin.data import load_dataset, read_split
     from edgeskin.fileio import atomic_write_bytes, write_json
     from edgeskin.metrics import classification_report
     from edgeskin.progress import RichReporter
@@ -55,11 +49,8 @@ def main() -> None:
     from edgeskin.targets import get_target
 
     rep = RichReporter()
-    member = args.member
-    if member is None and (args.model / "config.json").is_file():
-        cfg = json.loads((args.model / "config.json").read_text())
-        member = Path(max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])["file"]).stem
-    calib = args.calib or sorted((HERE.parent / "calibration").glob("train-512-seed0-*.json"))[0]
+    member = best_reference_member(args.model, args.member)
+    calib = calibration_file(args.calib)
     cal = read_calibration_set(calib)
     ds = load_dataset(args.data)
     split = read_split(args.split)
@@ -80,13 +71,8 @@ def main() -> None:
                           "val_drops_points": c["drops_points"]}, indent=1))
         return
 
-    preds = {p: load(b, threads=2) for p, b in bundles.items()}
-    pre = preds["fp32"].preprocess_config
-    test, arrays = decode_dataset(split.apply(ds, "test"), pre)
-    x = eval_tensors(arrays, pre)
+    preds, x, y, probs = test_predictions(bundles, ds, split, threads=2)
     codes = preds["fp32"].labels
-    y = np.array([codes.index(s.dx) for s in test.samples])
-    probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)]) for p, pr in preds.items()}
     reports = {p: classification_report(pr, y, codes) for p, pr in probs.items()}
     agreement = {p: float(np.mean(probs[p].argmax(1) == probs["fp32"].argmax(1))) for p in probs}
     lat_by_threads = {}

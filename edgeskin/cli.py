@@ -19,7 +19,7 @@ from .errors import ConfigError, DataError, EdgeskinError
 app = typer.Typer(
     name="edgeskin",
     help="Take skin-lesion classifier ensembles to the edge: train, evaluate, distill, "
-    "quantize and compile into bundles, predict on the device.",
+    "quantize and compile into bundles (cpu, jetson, tflite), bench them, predict on the device.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -789,9 +789,11 @@ def main() -> None:
     try:
         app()
     except EdgeskinError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc.message}")
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/bold red] {escape(exc.message)}")
         if exc.hint:
-            err.print(f"[yellow]hint:[/yellow] {exc.hint}")
+            err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")

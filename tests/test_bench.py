@@ -132,6 +132,15 @@ def test_budget_parsing_and_breaches_name_row_and_metric():
     assert any("cpu/int8: p90 latency 25.0 ms > 20 ms" == m for m in out)
     assert any(m.startswith("tflite/int8: failed") for m in out)
     assert not any("balanced" in m or "ensemble:" in m for m in out)
+    # against the student: a bundle made from another model is held to the ensemble; ungated rows are skipped
+    rows2 = [{"row": "a", "kind": "bundle", "status": "ok", "from_student": False, "gated": True,
+              "drops_vs_student": {"top1": 9.0}, "drops_vs_ensemble": {"top1": 0.1}},
+             {"row": "b", "kind": "bundle", "status": "ok", "from_student": True, "gated": True,
+              "drops_vs_student": {"top1": 0.9}, "drops_vs_ensemble": {"top1": 0.0}},
+             {"row": "c", "kind": "bundle", "status": "failed", "gated": False}]
+    assert check_budget(rows2, BenchBudget.parse("top1=0.5"), "student") == [
+        "b: top1 drop 0.90 points vs the student > 0.5"]
+    assert rows2[0]["budget_against"] == "ensemble"
     with pytest.raises(ConfigError):
         BenchBudget.parse("top1=abc")
     from edgeskin.profiles import get_profile
@@ -161,18 +170,19 @@ def test_bench_rows_reports_failing_bundle_and_budget_exit(built, ref_file, tmp_
     rep = json.loads((out / "report.json").read_text())
     rows = {x["row"]: x for x in rep["rows"]}
     assert rows["ensemble"]["status"] == "ok" and rows["student/fp32"]["status"] == "ok"
-    assert rows["cpu/fp32"]["status"] == "ok" and rows["cpu/int8"]["status"] == "ok"
+    assert rows["cpu/fp32 [member0]"]["status"] == "ok" and rows["cpu/int8 [member0]"]["status"] == "ok"
     failed = [x for x in rep["rows"] if x["status"] == "failed"]
     assert len(failed) == 1 and "modified" in failed[0]["error"]
-    fp32 = rows["cpu/fp32"]
+    fp32 = rows["cpu/fp32 [member0]"]
     assert fp32["flips_vs_student"] == 0 and fp32["latency_batch1"]["runs"] == 5 and fp32["load_s"] > 0
-    assert fp32["peak_rss_mb"] > 0 and "8" in fp32["throughput"] and fp32["torch_loaded"] is False
+    assert 0 < fp32["peak_rss_mb"] < 1000 and "8" in fp32["throughput"] and fp32["torch_loaded"] is False
+    assert fp32["from_student"] and fp32["gated"]
     assert (out / "report.md").read_text().count("| cpu/") >= 2
     # a budget the int8 bundle cannot meet: exit 4, the row and metric named
     r = run_cli("bench", "--reference", str(ref_file), "--bundle", str(built.int8), "--data", str(built.data),
                 "--out", str(tmp_path / "b2"), "--runs", "3", "--max-drop", "top1=-100", "--against", "ensemble")
     assert r.returncode == 4, r.stderr
-    assert "cpu/int8: top1 drop" in r.stderr.replace("\n", " ")
+    assert "cpu/int8 [member0]: top1 drop" in r.stderr.replace("\n", " ")
 
 
 def test_bench_device_mode_runs_without_torch(built, ref_file, tmp_path):
@@ -193,5 +203,5 @@ def test_bench_device_mode_runs_without_torch(built, ref_file, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
-    row = [x for x in rep["rows"] if x["row"] == "cpu/int8"][0]
+    row = [x for x in rep["rows"] if x["row"] == "cpu/int8 [member0]"][0]
     assert row["status"] == "ok" and row["torch_loaded"] is False

@@ -117,6 +117,7 @@ def reference_from_models(
         sp = Path(smembers[0].path)
         sizes["student"] = (sp.with_suffix(".pt") if sp.suffix == ".json" else sp).stat().st_size
     info: dict[str, Any] = {"ensemble": str(ensemble), "student": None if student is None else str(student),
+                            "student_sha256": smembers[0].sha256 if student is not None else None,
                             "members": [{"name": m.name, "sha256": m.sha256} for m in members], "rows": {}}
     if latency_runs > 0:
         size = members[0].preprocess.size

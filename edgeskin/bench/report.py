@@ -16,7 +16,7 @@ def _pct(x: Any) -> str:
 
 
 def _pts(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and x != x) else f"{float(x):+.2f}"
+    return "-" if x is None or (isinstance(x, float) and x != x) else f"{float(x) + 0.0:+.2f}".replace("-0.00", "+0.00")
 
 
 def _ms(row: dict[str, Any], key: str = "p50_ms") -> str:
@@ -60,6 +60,7 @@ def summary_cells(r: dict[str, Any]) -> list[str]:
 
 
 def rich_table(report: BenchReport) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"edgeskin bench: {report.config['n_images']} images ({report.config['split']}); "
@@ -67,7 +68,7 @@ def rich_table(report: BenchReport) -> Any:
     for c in summary_columns():
         t.add_column(c, justify="left" if c in ("row", "status") else "right")
     for r in report.rows:
-        t.add_row(*summary_cells(r))
+        t.add_row(*[escape(c) for c in summary_cells(r)])
     return t
 
 
@@ -114,6 +115,9 @@ def markdown(report: BenchReport) -> str:
               f"Against the {b.get('applied_against')}: "
               + ", ".join(f"{k} ≤ {b[k]}" for k in ("top1", "balanced", "mel_recall") if b.get(k) is not None)
               + (f", p90 latency ≤ {b['max_latency_ms']} ms" if b.get("max_latency_ms") is not None else ""), ""]
+    ungated = [r["row"] for r in rows if r.get("kind") == "bundle" and not r.get("gated", True)]
+    if ungated:
+        lines += [f"Not gated (shown for comparison): {', '.join(ungated)}.", ""]
     lines += [f"- BREACH: {m}" for m in report.breaches] or ["- every bundle within budget" if any(
         b.get(k) is not None for k in ("top1", "balanced", "mel_recall", "max_latency_ms")) else "- no budget set"]
     lines.append("")
@@ -133,11 +137,12 @@ def plots(report: BenchReport, out_dir: Path) -> list[str]:
     written = []
     timed = [r for r in ok if (r.get("latency_batch1") or {}).get("p50_ms")]
     if timed:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for r in timed:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        markers = "osD^v<>pPX*h"
+        for i, r in enumerate(timed):
             x, yv = r["latency_batch1"]["p50_ms"], 100 * r["balanced_accuracy"]
-            ax.scatter([x], [yv], s=40)
-            ax.annotate(r["row"], (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.scatter([x], [yv], s=45, marker=markers[i % len(markers)], label=r["row"])
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         ax.set_xscale("log")
         ax.set_xlabel("batch-1 latency p50 (ms, log scale)")
         ax.set_ylabel("balanced accuracy (%)")
@@ -167,6 +172,14 @@ def plots(report: BenchReport, out_dir: Path) -> list[str]:
     return written
 
 
+def load_report(path: str | Path) -> BenchReport:
+    """A report back from its ``report.json`` (to re-render the Markdown and plots)."""
+    import json
+
+    d = json.loads(Path(path).read_text())
+    return BenchReport(d["rows"], d["config"], d["budget"], d.get("breaches", []), d.get("reference", {}))
+
+
 def write_reports(report: BenchReport, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,4 +193,4 @@ def write_reports(report: BenchReport, out_dir: str | Path) -> dict[str, Any]:
     return {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "plots": pngs}
 
 
-__all__ = ["rich_table", "markdown", "plots", "write_reports"]
+__all__ = ["rich_table", "markdown", "plots", "write_reports", "load_report"]

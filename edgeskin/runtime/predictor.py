@@ -12,7 +12,7 @@ from PIL import Image
 from ..bundle import BundleError, BundleReader, Manifest
 from ..errors import ConfigError
 from ..preprocess import ImageSource, preprocess
-from .backends import Backend, make_backend
+from .backends import make_backend
 
 Input = Union[ImageSource, np.ndarray]
 

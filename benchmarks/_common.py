@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: where the shared data and reference model are, the best
+reference member (by validation balanced accuracy), the committed calibration set, and a test
+split evaluated through the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+REF = SHARED / "models" / "ham10000-r50x3-112"
+
+
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """--data, --model, --member, --split, --calib with the shared defaults."""
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
+    ap.add_argument("--model", type=Path, default=REF)
+    ap.add_argument("--member", default=None)
+    ap.add_argument("--split", type=Path, default=REF / "split.csv")
+    ap.add_argument("--calib", type=Path, default=None)
+
+
+def best_reference_member(model: Path, member: str | None = None) -> str | None:
+    """``member``, else the reference layout's member with the best validation balanced accuracy."""
+    if member is not None or not (model / "config.json").is_file():
+        return member
+    cfg = json.loads((model / "config.json").read_text())
+    return Path(max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])["file"]).stem
+
+
+def calibration_file(calib: Path | None) -> Path:
+    """``calib``, else the committed 512-image training calibration set."""
+    return calib or sorted((HERE.parent / "calibration").glob("train-512-seed0-*.json"))[0]
+
+
+def test_predictions(bundles: dict[str, Path], ds: Any, split: Any, *, threads: int = 2) -> tuple[Any, ...]:
+    """(predictors, test inputs, labels, probabilities per bundle) on the test split."""
+    import numpy as np
+
+    from edgeskin.data import decode_dataset, eval_tensors
+    from edgeskin.runtime import load
+
+    preds = {p: load(b, threads=threads) for p, b in bundles.items()}
+    first = next(iter(preds.values()))
+    pre = first.preprocess_config
+    test, arrays = decode_dataset(split.apply(ds, "test"), pre)
+    x = eval_tensors(arrays, pre)
+    codes = first.labels
+    y = np.array([codes.index(s.dx) for s in test.samples])
+    probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)])
+             for p, pr in preds.items()}
+    return preds, x, y, probs
