@@ -562,10 +562,8 @@ def bench(
     else:
         from .bench import reference_from_models
 
-        split = read_split(_split_for(split_file, reference))
-        if on == "all":
-            raise ConfigError("--on all needs a reference-predictions file or a data set without a split",
-                              "pass --on test|val|train")
+        # --on all: every image of --data (e.g. an ISIC 2018 ground-truth CSV, which has no split)
+        split = None if on == "all" else read_split(_split_for(split_file, reference))
         ref = reference_from_models(reference, dataset=ds, split=split, split_name=on, student=student,
                                     threads=threads, reporter=_reporter())
         if save_reference:

@@ -205,3 +205,15 @@ def test_bench_device_mode_runs_without_torch(built, ref_file, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     row = [x for x in rep["rows"] if x["row"] == "cpu/int8 [member0]"][0]
     assert row["status"] == "ok" and row["torch_loaded"] is False
+
+
+def test_bench_on_every_image_of_a_data_set_without_a_split(built, tmp_path):
+    out = tmp_path / "all"
+    r = run_cli("bench", "--reference", str(built.model_dir), "--on", "all", "--bundle", str(built.fp32),
+                "--data", str(built.data), "--out", str(out), "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    from edgeskin.data import load_dataset
+
+    assert rep["config"]["n_images"] == len(load_dataset(built.data).samples) and rep["config"]["split"] == "all"
+    assert [x["status"] for x in rep["rows"]] == ["ok", "ok"]

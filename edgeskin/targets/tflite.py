@@ -296,7 +296,11 @@ class TfliteTarget(Target):
         # torch.export records, so the class must be given by its qualified name
         q.set_module_type("torch.nn.modules.linear.Linear", None)
         g = torch.export.export(net, sample).module()
-        g = prepare_pt2e(g, q)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # litert prints one line per shared ReLU module
+            g = prepare_pt2e(g, q)
         reporter.start(f"calibrating ({len(cal)} images, {observer} observer)", len(cal))
         with torch.no_grad():
             for x in cal:
