@@ -299,14 +299,13 @@ def distill(
     for k, v in {"epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}.items():
         if v is not None:
             kw[k] = v
-    base_lr = lr if lr is not None else TrainConfig(**kw).lr
-    if lr is None and init == "member":
-        base_lr = base_lr / 3
-    kw["lr"] = base_lr
+    if lr is not None:
+        kw["lr"] = lr
     pre = None if pretrained in ("auto", "none") else str(Path(pretrained))
     tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma, pretrained=pre or "auto", patience=patience, seed=seed,
                        bf16=bf16, **({} if augment else {"augment": None}), **kw)
-    cfg = DistillConfig(train=tcfg, temperature=temperature, alpha=alpha, init=init, member=member)
+    cfg = DistillConfig(train=tcfg, temperature=temperature, alpha=alpha, init=init, member=member,
+                        member_lr_factor=None if lr is not None else 1 / 3)
     init_distributed_from_env()
     rank, _ = dist_info()
     ds = _load_data(data, images, skip_bad)

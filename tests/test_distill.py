@@ -173,12 +173,14 @@ def test_member_init_copies_the_best_member_and_uses_the_teacher_cache(tiny_ham,
     teacher_dir = _teacher_dir(tmp_path)
     ds = load_dataset(tiny_ham)
     split = make_split(ds, seed=0)
-    cfg = DistillConfig(train=_tiny_cfg().train.with_(augment=None, epochs=2), init="member", member="member1")
+    cfg = DistillConfig(train=_tiny_cfg().train.with_(augment=None, epochs=2, lr=3e-3), init="member", member="member1",
+                        member_lr_factor=1 / 3)
     res = distill(teacher_dir, cfg, dataset=ds, split=split, out_dir=tmp_path / "s", report_split=None)
     meta = json.loads(res.checkpoint.read_text())
     m1 = [m for m in load_ensemble(teacher_dir) if m.name == "member1"][0]
     assert res.initialisation == f"member:member1:{m1.sha256}"
     assert meta["recipe"]["freeze_epochs"] == 0 and meta["recipe"]["finetune_stages"] == "all"
+    assert meta["recipe"]["config"]["lr"] == pytest.approx(1e-3)  # a third: the member is already trained
     assert meta["recipe"]["teacher_view"] == "cached evaluation view"
     assert res.teacher_cache is not None and res.teacher_cache.endswith(".npz")
     assert res.report is None

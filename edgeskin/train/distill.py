@@ -56,6 +56,9 @@ class DistillConfig:
     alpha: float = 0.7
     init: str = "auto"
     member: str | None = None
+    #: when the student starts from a teacher member (an already trained network), scale the
+    #: learning rate by this (None: keep ``train.lr``); the CLI uses 1/3 unless --lr is given
+    member_lr_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -373,7 +376,8 @@ def distill(
     if initialisation.startswith("member:"):
         # an already trained network: no frozen warm-up, every stage learns
         t = t.with_(freeze_epochs=0 if t.freeze_epochs is None else t.freeze_epochs,
-                    finetune_stages="all" if t.finetune_stages == "auto" else t.finetune_stages)
+                    finetune_stages="all" if t.finetune_stages == "auto" else t.finetune_stages,
+                    lr=t.lr * cfg.member_lr_factor if cfg.member_lr_factor else t.lr)
     run_cfg = cfg.with_train(t)
 
     cache: CachedTeacher | None = None
