@@ -313,3 +313,12 @@ def test_predict_on_a_jetson_bundle_says_host_proxy_and_engine_tensorrt_needs_te
         assert "host proxy" in r.stderr
         r = run_cli("predict", str(img), "--bundle", str(jetson_int8.bundle), "--engine", "tensorrt")
         assert r.returncode == 2 and "tensorrt" in r.stderr.lower() and "JetPack" in r.stderr
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the message a machine without TensorRT gives")
+def test_engine_build_without_tensorrt_says_where_tensorrt_comes_from(jetson_int8, tmp_path):
+    bundle = tmp_path / "b.edgeskin"
+    shutil.copytree(jetson_int8.bundle, bundle)
+    r = run_cli("engine", "build", str(bundle))
+    assert r.returncode == 2 and "JetPack" in r.stderr
+    assert json.loads((bundle / "manifest.json").read_text())["engine"]["engines"] == []  # nothing half-written
