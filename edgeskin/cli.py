@@ -490,6 +490,8 @@ def compile_cmd(
                         max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
                         fallback_max_layers=fallback_max_layers)
     if tg.name == "tflite":
+        if device is None and target.strip().lower() == "ios":
+            device = "iphone"
         res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
                          budget=budget, layout=layout.upper(), int8_adds=int8_adds, observer=observer,
                          first_conv_float=first_conv_float,

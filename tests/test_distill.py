@@ -222,3 +222,31 @@ def test_distill_cli_unknown_student_names_the_choices(tiny_ham, tmp_path):
     assert r.returncode == 2
     assert "did you mean 'resnet50'" in r.stderr and "mobilenet_v3_large" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_distill_under_torchrun_two_processes_with_the_teacher_cache(tiny_ham, tmp_path):
+    """DDP through the same loop as training; with augmentation off, rank 0 writes the teacher
+    cache and the other rank reads it after the barrier."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from edgeskin.data import load_dataset, make_split, write_split
+
+    teacher_dir = _teacher_dir(tmp_path)
+    write_split(make_split(load_dataset(tiny_ham), seed=0), teacher_dir / "split.csv")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "edgeskin", "distill", "--teacher", str(teacher_dir), "--student", "resnet18", "--data",
+         str(tiny_ham), "--out", str(out), "--preset", "tiny", "--init", "scratch", "--no-augment",
+         "--bf16", "off", "--latency-runs", "0"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["complete"] and meta["recipe"]["world_size"] == 2
+    assert meta["recipe"]["teacher_view"] == "cached evaluation view"
+    assert len(list((out / ".teacher-cache").glob("teacher-*.npz"))) == 1

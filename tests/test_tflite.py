@@ -192,6 +192,10 @@ def test_phone_cli_compiles_and_predicts(built, tmp_path):
                 str(built.data), "--out", str(tmp_path / "q.edgeskin"), "--layout", "NCWH")
     assert r.returncode == 2 and "layout" in r.stderr
     shutil.rmtree(out)
+    r = run_cli("compile", str(built.model_dir), "--target", "ios", "--precision", "fp32", "--data",
+                str(built.data), "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["provenance"]["device"]["profile"] == "iphone"
 
 
 def test_first_conv_float_keeps_the_stem_in_float_and_the_input_float(built, ctx, tmp_path):
