@@ -217,3 +217,19 @@ def test_bench_on_every_image_of_a_data_set_without_a_split(built, tmp_path):
 
     assert rep["config"]["n_images"] == len(load_dataset(built.data).samples) and rep["config"]["split"] == "all"
     assert [x["status"] for x in rep["rows"]] == ["ok", "ok"]
+
+
+def test_bench_compiles_targets_on_the_fly_from_the_student(built, ref_file, tmp_path):
+    out = tmp_path / "fly"
+    r = run_cli("bench", "--reference", str(ref_file), "--student", str(built.model_dir), "--targets",
+                "cpu:fp32,jetson:fp16,tflite:fp32,nosuch", "--data", str(built.data), "--out", str(out),
+                "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    rows = {x["row"]: x for x in rep["rows"]}
+    for name in ("cpu/fp32 [member0]", "jetson/fp16 [member0]", "tflite/fp32 [member0]"):
+        assert rows[name]["status"] == "ok" and rows[name]["from_student"], name
+        assert rows[name]["flips_vs_student"] == 0, name  # fp32/fp16-on-host: the student's own decisions
+    assert rows["nosuch/int8"]["status"] == "failed" and "unknown target" in rows["nosuch/int8"]["error"]
+    assert sorted(p.name for p in (out / "bundles").iterdir()) == ["cpu-fp32.edgeskin", "jetson-fp16.edgeskin",
+                                                                  "tflite-fp32.edgeskin"]

@@ -153,6 +153,7 @@ def verify_and_write(
     the FP32 reference, then write the real bundle (with accuracy and golden set) or refuse."""
     from ..runtime import load
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out may name a folder that does not exist yet
     with tempfile.TemporaryDirectory(prefix=".edgeskin-check-", dir=out.parent) as scratch:
         path = write_bundle(Path(scratch) / "b.edgeskin", manifest, files)
         pred = load(path, threads=threads)
