@@ -21,23 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
-REF = SHARED / "models" / "ham10000-r50x3-112"
-
-
-def best_reference_member(ref: Path) -> str:
-    cfg = json.loads((ref / "config.json").read_text())
-    best = max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])
-    return Path(best["file"]).stem
+from _common import HERE, best_reference_member, model_args, test_predictions
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
-    ap.add_argument("--model", type=Path, default=REF)
-    ap.add_argument("--member", default=None)
-    ap.add_argument("--split", type=Path, default=REF / "split.csv")
+    model_args(ap)  # --calib is ignored: this benchmark draws (and commits) its calibration set
     ap.add_argument("--out", type=Path, default=Path("runs/bench-cpu"))
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--runs", type=int, default=100)
@@ -55,7 +44,7 @@ def main() -> None:
 
     from edgeskin.bench import interleaved_latency
     from edgeskin.calibration import make_calibration_set, write_calibration_set
-    from edgeskin.data import decode_dataset, eval_tensors, load_dataset, read_split
+    from edgeskin.data import load_dataset, read_split
     from edgeskin.metrics import classification_report
     from edgeskin.fileio import write_json
     from edgeskin.progress import RichReporter
@@ -64,7 +53,7 @@ def main() -> None:
     from edgeskin.targets import get_target
 
     rep = RichReporter()
-    member = args.member or (best_reference_member(args.model) if (args.model / "config.json").is_file() else None)
+    member = best_reference_member(args.model, args.member)
     ds = load_dataset(args.data)
     split = read_split(args.split)
     cal = make_calibration_set(ds, split, size=args.calib_size, seed=0)
@@ -82,14 +71,8 @@ def main() -> None:
                           quantize=q, force=True, overwrite=True, threads=args.threads, reporter=rep)
         bundles[precision], checks[precision] = res.bundle, res.check
 
-    preds = {p: load(b, threads=args.threads) for p, b in bundles.items()}
-    pre = preds["fp32"].preprocess_config
-    test = split.apply(ds, "test")
-    test, arrays = decode_dataset(test, pre)
-    x = eval_tensors(arrays, pre)
+    preds, x, y, probs = test_predictions(bundles, ds, split, threads=args.threads)
     codes = preds["fp32"].labels
-    y = np.array([codes.index(s.dx) for s in test.samples])
-    probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)]) for p, pr in preds.items()}
     reports = {p: classification_report(pr, y, codes) for p, pr in probs.items()}
     agreement = float(np.mean(probs["int8"].argmax(1) == probs["fp32"].argmax(1)))
     # batch-1 latency with 1 and 2 intra-op threads (on a 2-core machine a single thread is

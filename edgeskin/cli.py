@@ -62,6 +62,27 @@ def resolve_data(data: Optional[Path]) -> Path:
     raise DataError("no data given", "pass --data DIR (e.g. ../shared/data/ham10000) or set EDGESKIN_DATA")
 
 
+def _preset_kwargs(preset: str, threads: Optional[int], **overrides: Any) -> dict[str, Any]:
+    """A training preset's settings with the options the user gave (None: not given) on top;
+    also applies --threads to torch. Shared by `train` and `distill`."""
+    from .train import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    kw: dict[str, Any] = dict(PRESETS[preset])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return kw
+
+
+def _pretrained_option(text: str) -> Optional[str]:
+    """--pretrained: ``auto`` (torchvision's cache), ``none`` (random initialisation) or a file."""
+    return None if text == "none" else ("auto" if text == "auto" else str(Path(text)))
+
+
 def _reporter(quiet: bool = False):  # noqa: ANN202
     from .progress import RichReporter
 
@@ -195,27 +216,17 @@ def train(
     Works under `torchrun --nproc-per-node N -m edgeskin train ...` (DistributedDataParallel).
     """
     from .data import make_split, read_split, write_split
-    from .train import PRESETS, TrainConfig, train_ensemble
+    from .train import TrainConfig, train_ensemble
     from .train.loop import dist_info, init_distributed_from_env
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    kw: dict[str, Any] = dict(PRESETS[preset])
-    for k, v in {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lr": lr}.items():
-        if v is not None:
-            kw[k] = v
+    kw = _preset_kwargs(preset, threads, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+                        steps_per_epoch=steps_per_epoch or None)
     losses = [s.strip() for s in loss.split(",")] if loss else None
     if losses and len(losses) == 1:
         losses = losses * members
-    pre = None if pretrained in ("auto", "none") else str(Path(pretrained))
-    cfg = TrainConfig(labels=labels, focal_gamma=focal_gamma,
-                      pretrained=pre or (None if pretrained == "none" else "auto"),
+    cfg = TrainConfig(labels=labels, focal_gamma=focal_gamma, pretrained=_pretrained_option(pretrained),
                       freeze_epochs=freeze_epochs, finetune_stages=finetune_stages, patience=patience,
-                      seed=seed, bf16=bf16, **{**kw, **({"steps_per_epoch": steps_per_epoch} if steps_per_epoch else {})})
+                      seed=seed, bf16=bf16, **kw)
     init_distributed_from_env()
     rank, world = dist_info()
     ds = _load_data(data, images, skip_bad)
@@ -265,7 +276,7 @@ def distill(
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: the preset's, a third of it when starting from a teacher member."),
-    pretrained: str = typer.Option("auto", help="For ImageNet initialisation: auto (torchvision's cache) | FILE."),
+    pretrained: str = typer.Option("auto", help="For ImageNet initialisation: auto (torchvision's cache) | none | FILE."),
     patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
     seed: int = typer.Option(0, help="Seed."),
     bf16: str = typer.Option("auto", help="bfloat16 autocast for student and teacher: auto | on | off."),
@@ -283,27 +294,15 @@ def distill(
     balanced accuracy, resume, torchrun), then compared with the teacher on the test split.
     """
     from .data import read_split
-    from .train import PRESETS, DistillConfig, TrainConfig, distill as run_distill
+    from .train import DistillConfig, TrainConfig, distill as run_distill
     from .train.loop import dist_info, init_distributed_from_env
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
     if report_on not in ("test", "val", "none"):
         raise ConfigError(f"--report-on {report_on!r}", "choose test, val or none")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    kw: dict[str, Any] = {k: v for k, v in PRESETS[preset].items() if k != "arch"}
-    kw["arch"] = student
-    for k, v in {"epochs": epochs, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}.items():
-        if v is not None:
-            kw[k] = v
-    if lr is not None:
-        kw["lr"] = lr
-    pre = None if pretrained in ("auto", "none") else str(Path(pretrained))
-    tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma, pretrained=pre or "auto", patience=patience, seed=seed,
-                       bf16=bf16, **({} if augment else {"augment": None}), **kw)
+    kw = _preset_kwargs(preset, threads, arch=student, epochs=epochs, batch_size=batch_size, lr=lr,
+                        steps_per_epoch=steps_per_epoch)
+    tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma, pretrained=_pretrained_option(pretrained),
+                       patience=patience, seed=seed, bf16=bf16, **({} if augment else {"augment": None}), **kw)
     cfg = DistillConfig(train=tcfg, temperature=temperature, alpha=alpha, init=init, member=member,
                         member_lr_factor=None if lr is not None else 1 / 3)
     init_distributed_from_env()
@@ -489,9 +488,12 @@ def compile_cmd(
                         ignored=tuple(ignore or ()), keep_head_float=head_float, first_conv_float=first_conv_float, range_estimator=range_estimator,
                         max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
                         fallback_max_layers=fallback_max_layers)
+    if device is None:  # a target named by a device alias (ios, android, cpu) compiles for that device
+        from .profiles import load_profiles
+
+        typed = target.strip().lower()
+        device = next((p.name for p in load_profiles().values() if p.target == tg.name and typed in p.aliases), None)
     if tg.name == "tflite":
-        if device is None and target.strip().lower() == "ios":
-            device = "iphone"
         res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
                          budget=budget, layout=layout.upper(), int8_adds=int8_adds, observer=observer,
                          first_conv_float=first_conv_float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,15 +41,18 @@ def evaluate(
     batch_size: int = 64,
     reporter: Reporter | None = None,
     skip_bad: bool = False,
+    members: Sequence[Any] | None = None,
 ) -> Evaluation:
     """Evaluate every member of ``model`` (an ensemble folder or one checkpoint) and, with more
-    than one member, the ensemble (mean of softmax), on ``split_name`` of ``dataset``."""
+    than one member, the ensemble (mean of softmax), on ``split_name`` of ``dataset``.
+
+    ``members``: the checkpoints of ``model`` when the caller has loaded them already."""
     import torch
 
     from .models import load_ensemble, predict_probs
 
     reporter = reporter or NullReporter()
-    members = load_ensemble(Path(model))
+    members = list(members) if members is not None else load_ensemble(Path(model))
     labels = members[0].labels
     pre = members[0].preprocess
     subset = split.apply(dataset, split_name) if split is not None else dataset

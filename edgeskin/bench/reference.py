@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -95,41 +95,38 @@ def reference_from_models(
     import torch
 
     from ..evaluate import evaluate
-    from ..models import Ensemble, load_ensemble
+    from ..models import Ensemble, inference_fn, load_ensemble
     from .latency import interleaved_latency
 
     if threads:
         torch.set_num_threads(threads)
-    ev = evaluate(ensemble, dataset=dataset, split=split, split_name=split_name, reporter=reporter)
-    probs = {"ensemble": ev.probs["ensemble"] if "ensemble" in ev.probs else next(iter(ev.probs.values()))}
+
+    def weights_bytes(ms: Sequence[Any]) -> int:
+        return sum((Path(m.path).parent / m.config["weights"]).stat().st_size for m in ms)
+
     members = load_ensemble(Path(ensemble))
-    models: dict[str, Any] = {"ensemble": Ensemble([m.model for m in members]).eval()}
-    sizes = {"ensemble": sum(Path(m.path).with_suffix(".pt").stat().st_size if Path(m.path).suffix == ".json"
-                             else Path(m.path).stat().st_size for m in members)}
+    ev = evaluate(ensemble, dataset=dataset, split=split, split_name=split_name, reporter=reporter, members=members)
+    probs = {"ensemble": ev.probs["ensemble"] if "ensemble" in ev.probs else next(iter(ev.probs.values()))}
+    models: dict[str, Any] = {"ensemble": Ensemble([m.model for m in members])}
+    sizes = {"ensemble": weights_bytes(members)}
+    info: dict[str, Any] = {"ensemble": str(ensemble), "student": None if student is None else str(student),
+                            "student_sha256": None,
+                            "members": [{"name": m.name, "sha256": m.sha256} for m in members], "rows": {}}
     if student is not None:
-        sv = evaluate(student, dataset=dataset, split=split, split_name=split_name, reporter=reporter)
+        smembers = load_ensemble(Path(student))
+        sv = evaluate(student, dataset=dataset, split=split, split_name=split_name, reporter=reporter,
+                      members=smembers)
         if sv.image_ids != ev.image_ids:
             raise ConfigError("the student and the ensemble were scored on different images",
                               "use one data set and split for both")
         probs["student"] = next(iter(sv.probs.values()))
-        smembers = load_ensemble(Path(student))
-        models["student"] = smembers[0].model.eval()
-        sp = Path(smembers[0].path)
-        sizes["student"] = (sp.with_suffix(".pt") if sp.suffix == ".json" else sp).stat().st_size
-    info: dict[str, Any] = {"ensemble": str(ensemble), "student": None if student is None else str(student),
-                            "student_sha256": smembers[0].sha256 if student is not None else None,
-                            "members": [{"name": m.name, "sha256": m.sha256} for m in members], "rows": {}}
+        models["student"] = smembers[0].model
+        sizes["student"] = weights_bytes(smembers[:1])
+        info["student_sha256"] = smembers[0].sha256
     if latency_runs > 0:
         size = members[0].preprocess.size
         x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-
-        def runner(model: Any) -> Any:
-            def f(a: np.ndarray) -> Any:
-                with torch.inference_mode():
-                    return model(torch.from_numpy(a))
-            return f
-
-        stats = interleaved_latency({k: runner(m) for k, m in models.items()}, x, runs=latency_runs, warmup=5)
+        stats = interleaved_latency({k: inference_fn(m) for k, m in models.items()}, x, runs=latency_runs, warmup=5)
         for k, s in stats.items():
             info["rows"][k] = {"latency_batch1": s.to_dict(), "engine": f"torch {torch.__version__} fp32",
                                "threads": torch.get_num_threads(), "size_bytes": sizes[k]}

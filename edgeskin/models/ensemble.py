@@ -26,6 +26,18 @@ class Ensemble(nn.Module):
         return self.member_probs(x).mean(dim=0)
 
 
+def inference_fn(model: nn.Module) -> Callable[[np.ndarray], torch.Tensor]:
+    """``f(x)``: one eval-mode, gradient-free forward pass of ``model`` on a numpy batch (what
+    latency measurements time)."""
+    model.eval()
+
+    def f(x: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    return f
+
+
 def predict_probs(
     model: nn.Module,
     inputs: np.ndarray | Sequence[np.ndarray],

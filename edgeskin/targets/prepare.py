@@ -36,18 +36,23 @@ class Prepared:
     workdir: tempfile.TemporaryDirectory = field(repr=False)
 
     def provenance(self, split: Split) -> dict[str, Any]:
-        recipe = self.config.get("recipe", {})
-        return {
-            "model": {"name": self.name, "arch": self.arch, "sha256": self.sha256},
-            "teacher": self.config.get("teacher") or recipe.get("teacher"),
-            "recipe": {k: recipe.get(k) for k in ("kind", "loss", "temperature", "alpha", "config_digest", "initialisation", "best_epoch",
-                                                  "best_val_balanced_accuracy", "split_sha256") if k in recipe},
-            "split_sha256": split.sha256(),
-            "export": self.export,
-        }
+        return {**model_provenance(self.name, self.arch, self.sha256, self.config, split), "export": self.export}
 
     def close(self) -> None:
         self.workdir.cleanup()
+
+
+def model_provenance(name: str, arch: str, sha256: str, config: dict[str, Any], split: Split) -> dict[str, Any]:
+    """What every bundle manifest says of the model it was made from: its hash, its teacher
+    (for a distilled student) and the recipe that trained it."""
+    recipe = config.get("recipe", {})
+    return {
+        "model": {"name": name, "arch": arch, "sha256": sha256},
+        "teacher": config.get("teacher") or recipe.get("teacher"),
+        "recipe": {k: recipe.get(k) for k in ("kind", "loss", "temperature", "alpha", "config_digest", "initialisation",
+                                              "best_epoch", "best_val_balanced_accuracy", "split_sha256") if k in recipe},
+        "split_sha256": split.sha256(),
+    }
 
 
 def select_member(model: str | os.PathLike, member: str | None):  # noqa: ANN201

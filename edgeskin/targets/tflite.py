@@ -31,7 +31,7 @@ from ..errors import ConfigError, require
 from ..progress import NullReporter, Reporter
 from .base import Budget, CompileError, CompileResult, Target, base_manifest, labels_txt, verify_and_write
 from .cpu import toolchain_versions
-from .prepare import calibration_inputs, select_member
+from .prepare import calibration_inputs, model_provenance, select_member
 from .registry import register
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -196,9 +196,9 @@ class TfliteTarget(Target):
         self.check_device_precision(profile, precision)
         ck = select_member(model, member)
         pre, labels = ck.preprocess, ck.labels
-        _, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
-                                        reporter=reporter)
-        val_ids = [s.image_id for s in split.apply(dataset, "val").samples][: len(val_x)]
+        val, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
+                                          reporter=reporter)
+        val_ids = [s.image_id for s in val.samples]
         net: torch.nn.Module = ck.model.float().eval()
         with torch.inference_mode():
             fp32_probs = torch.softmax(torch.cat([net(torch.from_numpy(val_x[s : s + 64]))
@@ -246,15 +246,8 @@ class TfliteTarget(Target):
         record["metadata"] = {"format": "TFLite ModelMetadata (TFLITE_METADATA) + labels.txt",
                               "normalization_0_255": {"mean": [255 * m for m in pre.mean],
                                                       "std": [255 * s for s in pre.std]}}
-        provenance = {
-            "model": {"name": ck.name, "arch": ck.config["arch"], "sha256": ck.sha256},
-            "teacher": ck.config.get("teacher") or ck.config.get("recipe", {}).get("teacher"),
-            "recipe": {k: ck.config.get("recipe", {}).get(k) for k in ("kind", "loss", "temperature", "alpha",
-                                                                          "initialisation", "best_epoch")
-                       if k in ck.config.get("recipe", {})},
-            "split_sha256": split.sha256(), "conversion": record,
-            "device": {"profile": profile.name, "title": profile.title},
-        }
+        provenance = {**model_provenance(ck.name, ck.config["arch"], ck.sha256, ck.config, split),
+                      "conversion": record, "device": {"profile": profile.name, "title": profile.title}}
         if precision == "int8" and calibration is not None:
             provenance["calibration"] = calibration.summary()
         manifest = base_manifest(

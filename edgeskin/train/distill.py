@@ -29,7 +29,7 @@ from ..labels import LabelSet
 from ..metrics import classification_report
 from ..models.arch import arch_spec, build_model
 from ..models.checkpoint import Checkpoint, load_ensemble
-from ..models.ensemble import Ensemble, predict_probs
+from ..models.ensemble import Ensemble, inference_fn, predict_probs
 from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 from .config import TrainConfig
@@ -210,8 +210,9 @@ def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.nd
     arch_spec(t.arch)
     same_arch = [m for m in members if m.config["arch"] == t.arch]
     if cfg.init in ("auto", "imagenet"):
-        model, source = build_model(t.arch, labels.num_classes, dropout=t.dropout,
-                                    pretrained=t.pretrained if t.pretrained not in (None, "none") else "auto")
+        source = None  # --pretrained none: never ImageNet
+        if t.pretrained not in (None, "none"):
+            model, source = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=t.pretrained)
         if source is not None:
             return model, source, f"starting from ImageNet weights ({source})"
         if cfg.init == "imagenet":
@@ -252,14 +253,6 @@ def latency_pair(teacher: nn.Module, student: nn.Module, size: int, *, runs: int
     from ..bench.latency import interleaved_latency
 
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    teacher.eval()
-    student.eval()
-
-    def run(model: nn.Module):  # noqa: ANN202
-        def f(a: np.ndarray) -> object:
-            with torch.inference_mode():
-                return model(torch.from_numpy(a))
-        return f
 
     def summary(engine: str, stats: dict[str, Any], n_threads: int | None) -> dict[str, Any]:
         return {"engine": engine, "threads": n_threads, "batch": 1,
@@ -270,8 +263,8 @@ def latency_pair(teacher: nn.Module, student: nn.Module, size: int, *, runs: int
     if threads:
         torch.set_num_threads(threads)
     try:
-        stats = interleaved_latency({"teacher": run(teacher), "student": run(student)}, x, runs=runs,
-                                    warmup=warmup)
+        stats = interleaved_latency({"teacher": inference_fn(teacher), "student": inference_fn(student)}, x,
+                                    runs=runs, warmup=warmup)
         out: dict[str, Any] = {"torch": summary(f"torch {torch.__version__} fp32", stats, torch.get_num_threads())}
     finally:
         torch.set_num_threads(old_threads)

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from ..augment import augment
-from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
-from ..preprocess import finish
+from ..data import Dataset, Split, decode_with_progress, eval_tensors, labels_of, load_eval_set
 from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
 from ..metrics import classification_report
@@ -78,7 +77,7 @@ def bf16_supported() -> bool:
 def _batch(arrays: Sequence[np.ndarray], idx: np.ndarray, pre: PreprocessConfig, cfg: TrainConfig,
            epoch: int) -> np.ndarray:
     if cfg.augment is None:
-        return np.stack([finish(arrays[int(i)], pre) for i in idx])
+        return eval_tensors([arrays[int(i)] for i in idx], pre)
     out = []
     for i in idx:
         rng = np.random.default_rng([cfg.seed, epoch, int(i)])
