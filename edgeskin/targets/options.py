@@ -1,0 +1,79 @@
+"""One vocabulary of compile options for every target, shared by `edgeskin compile` and recipes.
+
+Each target's ``compile()`` takes its own keyword arguments (the ONNX targets a
+:class:`~edgeskin.quantize.QuantizeOptions`, tflite its PT2E settings); :func:`compile_kwargs`
+maps the common option names onto them and refuses options the target does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+#: option -> (default, targets that use it; None: every target)
+OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
+    "device": (None, None),
+    "subset_size": (None, None),
+    "first_conv_float": (False, None),
+    "fast_bias_correction": (True, ("cpu", "jetson")),
+    "preset": ("performance", ("cpu", "jetson")),
+    "ignore": ((), ("cpu", "jetson")),
+    "head_float": (True, ("cpu", "jetson")),
+    "range_estimator": ("mean_minmax", ("cpu", "jetson")),
+    "max_drop_int8": (None, ("cpu", "jetson")),
+    "float_fallback": (None, ("cpu", "jetson")),
+    "fallback_max_layers": (12, ("cpu", "jetson")),
+    "control_metric": ("agreement", ("cpu", "jetson")),
+    "opset": (None, ("cpu", "jetson")),
+    "jetpack": (None, ("jetson",)),
+    "layout": ("NHWC", ("tflite",)),
+    "int8_adds": (False, ("tflite",)),
+    "observer": ("mean_minmax", ("tflite",)),
+}
+
+
+def device_for_alias(target: Any, typed: str) -> str | None:
+    """A target named by a device alias (``ios``, ``android``, ``cpu``) compiles for that device."""
+    from ..profiles import load_profiles
+
+    typed = typed.strip().lower()
+    return next((p.name for p in load_profiles().values() if p.target == target.name and typed in p.aliases), None)
+
+
+def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: str = "") -> dict[str, Any]:
+    """The keyword arguments of ``target.compile`` for the common ``options`` (unset: default).
+
+    ``typed``: the target name as the user wrote it (an alias may pick the device).
+    ``where``: names the source of the options in errors (e.g. ``recipe.toml [[targets]] #2``).
+    """
+    opts = {k: v for k, v in options.items() if v is not None}
+    for key in opts:
+        if key not in OPTIONS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            raise ConfigError(f"{where + ': ' if where else ''}unknown compile option {key!r}"
+                              + (f"; did you mean {close[0]!r}?" if close else ""),
+                              f"compile options: {', '.join(sorted(OPTIONS))}")
+        users = OPTIONS[key][1]
+        if users is not None and target.name not in users and opts[key] != OPTIONS[key][0]:
+            raise ConfigError(f"{where + ': ' if where else ''}option {key!r} does not apply to target {target.name!r}",
+                              f"it is for: {', '.join(users)}")
+    val = {k: opts.get(k, d) for k, (d, _) in OPTIONS.items()}
+    device = val["device"] or device_for_alias(target, typed)
+    if target.name == "tflite":
+        kw: dict[str, Any] = {"layout": str(val["layout"]).upper(), "int8_adds": bool(val["int8_adds"]),
+                              "observer": val["observer"], "first_conv_float": bool(val["first_conv_float"]),
+                              "device": device}
+        if val["subset_size"] is not None:
+            kw["subset_size"] = int(val["subset_size"])
+        return kw
+    from ..quantize import QuantizeOptions
+
+    q = QuantizeOptions(subset_size=int(val["subset_size"] or 512), fast_bias_correction=bool(val["fast_bias_correction"]),
+                        preset=val["preset"], ignored=tuple(val["ignore"] or ()), keep_head_float=bool(val["head_float"]),
+                        first_conv_float=bool(val["first_conv_float"]), range_estimator=val["range_estimator"],
+                        max_drop=val["max_drop_int8"], control_metric=val["control_metric"],
+                        fallback_agreement=val["float_fallback"], fallback_max_layers=int(val["fallback_max_layers"]))
+    return {"quantize": q, "opset": val["opset"], "device": device, "jetpack": val["jetpack"]}
