@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -51,15 +50,12 @@ def _main(
 # ----------------------------------------------------------------- shared helpers
 
 def resolve_data(data: Optional[Path]) -> Path:
-    """--data, then $EDGESKIN_DATA; says which it used."""
-    if data is not None:
-        err.print(f"[dim]data: {data} (--data)[/dim]")
-        return data
-    env = os.environ.get("EDGESKIN_DATA")
-    if env:
-        err.print(f"[dim]data: {env} (EDGESKIN_DATA)[/dim]")
-        return Path(env)
-    raise DataError("no data given", "pass --data DIR (e.g. ../shared/data/ham10000) or set EDGESKIN_DATA")
+    """--data, then $EDGESKIN_DATA, then the default folder (where `data fetch` puts it); says which."""
+    from .recipe import resolve_data_path
+
+    path, source = resolve_data_path(data)
+    err.print(f"[dim]data: {path} ({source})[/dim]")
+    return path
 
 
 def _preset_kwargs(preset: str, threads: Optional[int], **overrides: Any) -> dict[str, Any]:
@@ -475,34 +471,26 @@ def compile_cmd(
     """
     from .calibration import read_calibration_set
     from .data import read_split
-    from .quantize import QuantizeOptions
     from .targets import Budget, get_target
+    from .targets.options import compile_kwargs
 
     tg = get_target(target)
     tg.check_precision(precision)
     budget = Budget.parse(max_drop, min_agreement)
+    given = dict(device=device, subset_size=subset_size, first_conv_float=first_conv_float)
+    if tg.name == "tflite":
+        given.update(layout=layout, int8_adds=int8_adds, observer=observer)
+    else:
+        given.update(fast_bias_correction=fast_bias_correction, preset=preset, ignore=tuple(ignore or ()),
+                     head_float=head_float, range_estimator=range_estimator, max_drop_int8=accuracy_control,
+                     float_fallback=fallback, fallback_max_layers=fallback_max_layers, control_metric=control_metric,
+                     opset=opset, jetpack=jetpack)
+    kw = compile_kwargs(tg, target, given)
     ds = _load_data(data, None, False)
     s = read_split(_split_for(split_file, model))
     cal = read_calibration_set(calib) if calib else None
-    q = QuantizeOptions(subset_size=subset_size, fast_bias_correction=fast_bias_correction, preset=preset,
-                        ignored=tuple(ignore or ()), keep_head_float=head_float, first_conv_float=first_conv_float, range_estimator=range_estimator,
-                        max_drop=accuracy_control, control_metric=control_metric, fallback_agreement=fallback,
-                        fallback_max_layers=fallback_max_layers)
-    if device is None:  # a target named by a device alias (ios, android, cpu) compiles for that device
-        from .profiles import load_profiles
-
-        typed = target.strip().lower()
-        device = next((p.name for p in load_profiles().values() if p.target == tg.name and typed in p.aliases), None)
-    if tg.name == "tflite":
-        res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
-                         budget=budget, layout=layout.upper(), int8_adds=int8_adds, observer=observer,
-                         first_conv_float=first_conv_float,
-                         subset_size=subset_size, device=device, force=force, overwrite=overwrite, threads=threads,
-                         reporter=_reporter())
-    else:
-        res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
-                     budget=budget, quantize=q, opset=opset, device=device, jetpack=jetpack, force=force, overwrite=overwrite, threads=threads,
-                     reporter=_reporter())
+    res = tg.compile(model, precision=precision, dataset=ds, split=s, out=output, calibration=cal, member=member,
+                     budget=budget, force=force, overwrite=overwrite, threads=threads, reporter=_reporter(), **kw)
     c = res.check
     t = Table(title=f"{tg.name}/{precision} vs FP32 on the validation split ({c['n']} images)")
     for col in ("metric", "FP32", "compiled", "drop (points)", "budget"):
@@ -685,6 +673,10 @@ def devices(
 engine_app = typer.Typer(help="TensorRT engines on the Jetson.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
 
+from .cli_data import data_app  # noqa: E402  (light: the fetcher is standard library only)
+
+app.add_typer(data_app, name="data")
+
 
 @engine_app.command("build")
 def engine_build(
@@ -785,18 +777,83 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file (see recipes/quick.toml)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set; overrides the recipe's [data] path. Default: the recipe's, then $EDGESKIN_DATA, then the default folder."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the recipe's out)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (split, ensemble, student, calibration, compile:NAME, bench)."),
+    redo: Optional[List[str]] = typer.Option(None, "--redo", help="Run this stage again even if it is up to date ('compile' = every compile). Repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show which stages would run."),
+) -> None:
+    """Run a pipeline recipe end to end: split, ensemble, student, calibration, compile every
+    target, bench. Stages whose inputs did not change are skipped; an interrupted run resumes.
+
+    Bundles go to OUT/bundles/, the bench report to OUT/bench/ (report.md, report.json, plots).
+    Exit code 4 when a bench budget is breached, 3 when a target failed to compile.
+    """
+    from .recipe import load_recipe, run
+
+    r = load_recipe(recipe, out=output)
+    err.print(f"recipe {r.name} ({recipe}) -> {r.out}")
+    res = run(r, data=data, until=until, redo=redo or (), dry_run=dry_run, reporter=_reporter(),
+              say=lambda text: err.print(escape_markup(text)))
+    t = Table(title=f"Recipe {r.name}: stages" + (" (dry run)" if dry_run else ""))
+    for col in ("stage", "status", "seconds", "detail"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    colour = {"ran": "green", "skipped": "dim", "up to date": "dim", "failed": "red", "failed before": "red",
+              "planned": "yellow"}
+    for o in res.stages:
+        t.add_row(o.name, f"[{colour.get(o.status, 'white')}]{o.status}[/]", f"{o.seconds:.0f}" if o.seconds else "",
+                  escape_markup(o.detail))
+    out.print(t)
+    if dry_run:
+        return
+    if res.report:
+        from .bench.report import rich_table
+        from .bench.runner import BenchReport
+
+        out.print(rich_table(BenchReport(**{k: res.report[k] for k in ("rows", "config", "budget", "breaches",
+                                                                        "reference")})))
+        out.print(f"bundles: {r.out / 'bundles'}; report: {r.out / 'bench' / 'report.md'}")
+    if res.failed:
+        from .targets import CompileError
+
+        raise CompileError("some targets failed to compile: " + "; ".join(res.failed),
+                            "see each target's budget check above; relax [budgets.compile] only with a reason, "
+                            "or set on_miss = \"keep\" to bench them marked FORCED")
+    if res.breaches:
+        from .bench import BudgetBreach
+
+        raise BudgetBreach("budget breached: " + "; ".join(res.breaches),
+                           f"see {r.out / 'bench' / 'report.md'}; relax the budget only with a reason")
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def main() -> None:
     """Console entry point: project errors become a message, a hint and exit code 2."""
+    from .progress import stop_all
+
     try:
         app()
     except EdgeskinError as exc:
         from rich.markup import escape
 
+        stop_all()
         err.print(f"[bold red]error:[/bold red] {escape(exc.message)}")
         if exc.hint:
             err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # typer turns Ctrl-C into a silent exit with code 130
+        if isinstance(exc, SystemExit) and exc.code != 130:
+            raise
+        stop_all()
         err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
         sys.exit(130)
 

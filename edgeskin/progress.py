@@ -35,6 +35,16 @@ class NullReporter:
         log.info("%s", text)
 
 
+_RUNNING: list["RichReporter"] = []
+
+
+def stop_all() -> None:
+    """Stop every running progress display, so a final message (an error, an interrupt) is
+    printed rather than swallowed by a live display that never refreshes again."""
+    for r in list(_RUNNING):
+        r.stop()
+
+
 class RichReporter:
     """Progress bars and messages on a rich console (used by the CLI)."""
 
@@ -58,6 +68,7 @@ class RichReporter:
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
         )
         self._progress.start()
+        _RUNNING.append(self)
         self._task = self._progress.add_task(description, total=total)
 
     def advance(self, n: int = 1) -> None:
@@ -72,6 +83,8 @@ class RichReporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            if self in _RUNNING:
+                _RUNNING.remove(self)
 
     def message(self, text: str) -> None:
         if not self.quiet:

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: set up, train a quick 3-member ResNet50 ensemble
-# (112 px, 3 epochs each) on HAM10000 and evaluate it on the held-out test split.
-# Data: $EDGESKIN_DATA, else ../shared/data/ham10000. Output: runs/quick/ (override with $OUT;
-# $PRESET=tiny gives a one-minute smoke run).
+# The main job, end to end: set up, then run the quick recipe (recipes/quick.toml): split,
+# train a 3 x ResNet50 ensemble, distil it into a ResNet18, calibrate, compile cpu / jetson /
+# tflite INT8 bundles and bench them against the ensemble. About 15 minutes on a 2-core CPU.
+# Output: runs/quick/ (bundles/, bench/report.md). Run it again and finished stages are skipped;
+# interrupt it and it resumes. Extra arguments go to `edgeskin run` (e.g. --out DIR, --dry-run).
+#
+# Data: $EDGESKIN_DATA if set; else ../shared/data/ham10000 if present; else the default folder,
+# which `edgeskin data fetch ham10000` fills from the official archive (it fails at once offline,
+# saying where to put a copy by hand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-DATA=${EDGESKIN_DATA:-../shared/data/ham10000}
-OUT=${OUT:-runs/quick}
-PRESET=${PRESET:-quick}
-.venv/bin/edgeskin train --data "$DATA" --out "$OUT" --preset "$PRESET" --members 3
-.venv/bin/edgeskin evaluate "$OUT" --data "$DATA" --on test --json "$OUT/test_metrics.json"
+if [ -z "${EDGESKIN_DATA:-}" ]; then
+  if [ -d ../shared/data/ham10000 ]; then
+    export EDGESKIN_DATA=../shared/data/ham10000
+  else
+    .venv/bin/edgeskin data fetch ham10000
+  fi
+fi
+exec .venv/bin/edgeskin run recipes/quick.toml "$@"

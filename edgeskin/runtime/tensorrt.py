@@ -36,7 +36,7 @@ def _trt() -> Any:
     from ..errors import MissingDependencyError
 
     try:
-        return require("tensorrt", extra="jetson", purpose="TensorRT engines")
+        return require("tensorrt", extra="jetson", purpose="Building or running a TensorRT engine")
     except MissingDependencyError as exc:
         exc.hint = ("TensorRT ships with JetPack on the Jetson (python3-libnvinfer); on another machine use "
                     "--engine onnxruntime (the host proxy)")
