@@ -129,7 +129,10 @@ def _check_target(t: dict[str, Any], where: Path) -> None:
 def load_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Recipe:
     """Read and check a recipe file. Unknown keys, wrong types and impossible combinations are
     errors naming the file and the key. ``out`` overrides the recipe's output folder."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
 
     p = Path(path)
     if not p.is_file():
@@ -229,6 +232,38 @@ def folder_fingerprint(path: Path) -> str:
     for f in files:
         h.update(f"{f.name}:{sha256_file(f)}\n".encode())
     return h.hexdigest()
+
+
+class _Lock:
+    """``OUT/.recipe/lock``: one run per output folder at a time (a stale lock from a process
+    that is gone is taken over)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".recipe" / "lock"
+
+    def __enter__(self) -> "_Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                except PermissionError:
+                    pass
+                raise ConfigError(f"{self.path.parent.parent}: another `edgeskin run` (pid {pid}) is using this folder",
+                                  "wait for it to finish, or use another --out") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ConfigError(f"{self.path}: cannot take the run lock", "remove the file if no run is going on")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class State:
@@ -614,7 +649,16 @@ def plan(recipe: Recipe, *, data: Path | None = None, reporter: Reporter | None 
     return run(recipe, data=data, reporter=reporter, say=say, dry_run=True).stages
 
 
-def run(
+def run(recipe: Recipe, *, dry_run: bool = False, **kw: Any) -> RunResult:
+    """Run every stage of ``recipe`` that is not up to date; see the module docstring and
+    :func:`_run` for the options. One run per output folder at a time."""
+    if dry_run:
+        return _run(recipe, dry_run=True, **kw)
+    with _Lock(recipe.out):
+        return _run(recipe, dry_run=False, **kw)
+
+
+def _run(
     recipe: Recipe,
     *,
     data: Path | None = None,
@@ -642,7 +686,8 @@ def run(
             raise ConfigError(f"unknown stage {n!r}", f"stages of this recipe: {', '.join(names)}")
     if "compile" in redo:
         redo |= {n for n in names if n.startswith("compile:")}
-    r.out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        r.out.mkdir(parents=True, exist_ok=True)
     state = State(r.out)
     _load_data(ctx, data)
     if not dry_run:

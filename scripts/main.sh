@@ -3,7 +3,8 @@
 # train a 3 x ResNet50 ensemble, distil it into a ResNet18, calibrate, compile cpu / jetson /
 # tflite INT8 bundles and bench them against the ensemble. About 15 minutes on a 2-core CPU.
 # Output: runs/quick/ (bundles/, bench/report.md). Run it again and finished stages are skipped;
-# interrupt it and it resumes. Extra arguments go to `edgeskin run` (e.g. --out DIR, --dry-run).
+# interrupt it and it resumes. Extra arguments go to `edgeskin run` (e.g. --out DIR, --dry-run);
+# $RECIPE runs another recipe (e.g. RECIPE=recipes/full.toml).
 #
 # Data: $EDGESKIN_DATA if set; else ../shared/data/ham10000 if present; else the default folder,
 # which `edgeskin data fetch ham10000` fills from the official archive (it fails at once offline,
@@ -18,4 +19,4 @@ if [ -z "${EDGESKIN_DATA:-}" ]; then
     .venv/bin/edgeskin data fetch ham10000
   fi
 fi
-exec .venv/bin/edgeskin run recipes/quick.toml "$@"
+exec .venv/bin/edgeskin run "${RECIPE:-recipes/quick.toml}" "$@"

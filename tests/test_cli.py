@@ -132,13 +132,22 @@ def test_evaluate_reproduces_reference_metrics(ham_data, reference_model, tmp_pa
 @pytest.mark.data
 @pytest.mark.slow
 def test_readme_main_command_runs(ham_data, tmp_path):
-    """The README's main-job command, end to end (tiny preset to keep CI short)."""
+    """The README's main-job command (scripts/main.sh -> edgeskin run RECIPE) end to end on the
+    real images, with a tiny recipe in place of the quick one to keep CI short."""
+    from test_recipe import TINY
+
     readme = (REPO / "README.md").read_text()
     assert "bash scripts/main.sh" in readme and "bash scripts/test.sh" in readme
-    env = {**os.environ, "EDGESKIN_DATA": str(ham_data), "OUT": str(tmp_path / "main"), "PRESET": "tiny"}
+    assert 'edgeskin run "${RECIPE:-recipes/quick.toml}"' in (REPO / "scripts" / "main.sh").read_text()
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY.replace('[data]\npath = "ham"\n', "").replace("size = 24\n", "size = 48\n"))
+    env = {**os.environ, "EDGESKIN_DATA": str(ham_data), "RECIPE": str(recipe), "COLUMNS": "200"}
     r = subprocess.run(["bash", "scripts/main.sh"], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads((tmp_path / "main" / "test_metrics.json").read_text())
-    assert set(metrics["results"]) == {"member0", "member1", "member2", "ensemble"}
-    assert metrics["split"] == "test" and metrics["n"] > 700
+    assert f"data: {ham_data} (EDGESKIN_DATA)" in r.stderr
+    rep = json.loads((tmp_path / "out" / "bench" / "report.json").read_text())
+    rows = {row["row"].split(" ")[0]: row for row in rep["rows"]}
+    assert {"ensemble", "student/fp32", "cpu/int8", "jetson/int8", "tflite/int8"} <= set(rows)
+    assert all(row["status"].startswith("ok") for row in rows.values())
+    assert rows["ensemble"]["n"] > 700  # the real test split

@@ -257,3 +257,21 @@ def test_a_target_that_misses_its_budget_fails_alone_and_is_not_retried(recipe_d
     # the same inputs give the same refusal: not compiled again, still exit 3
     r = run_cli("run", str(recipe_dir / "strict-cpu.toml"), "--out", str(out), timeout=300)
     assert r.returncode == 3 and "failed before with the same inputs" in r.stderr
+
+
+def test_one_run_per_output_folder(tmp_path):
+    import subprocess as sp
+
+    from edgeskin.errors import ConfigError
+    from edgeskin.recipe import _Lock
+
+    with _Lock(tmp_path):
+        with pytest.raises(ConfigError, match=f"another `edgeskin run` \\(pid {os.getpid()}\\)"):
+            with _Lock(tmp_path):
+                pass
+    assert not (tmp_path / ".recipe" / "lock").exists()
+    gone = sp.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / ".recipe" / "lock").write_text(str(gone.pid))  # a crashed run's stale lock
+    with _Lock(tmp_path):
+        assert (tmp_path / ".recipe" / "lock").read_text() == str(os.getpid())
