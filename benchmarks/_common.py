@@ -15,10 +15,20 @@ SHARED = HERE.parent.parent / "shared"
 REF = SHARED / "models" / "ham10000-r50x3-112"
 
 
+#: the ResNet50 student distilled from REF by benchmarks/distill_reference.py (same split as REF)
+STUDENT = HERE.parent / "runs" / "distill" / "resnet50"
+
+
+def default_model() -> Path:
+    """The reference model the target benchmarks compile: the distilled ResNet50 student if it
+    exists, else the shared reference ensemble (whose best member is then picked)."""
+    return Path(os.path.relpath(STUDENT)) if (STUDENT / "student.json").is_file() else REF
+
+
 def model_args(ap: argparse.ArgumentParser) -> None:
     """--data, --model, --member, --split, --calib with the shared defaults."""
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
-    ap.add_argument("--model", type=Path, default=REF)
+    ap.add_argument("--model", type=Path, default=default_model())
     ap.add_argument("--member", default=None)
     ap.add_argument("--split", type=Path, default=REF / "split.csv")
     ap.add_argument("--calib", type=Path, default=None)
