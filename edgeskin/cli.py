@@ -444,7 +444,7 @@ def compile_cmd(
     member: Optional[str] = typer.Option(None, help="Member of an ensemble folder to compile (e.g. member2)."),
     max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points vs FP32 on val: top1=0.5,balanced=1.5,mel_recall=2."),
     min_agreement: float = typer.Option(0.97, help="Smallest top-1 agreement with FP32 on val."),
-    subset_size: int = typer.Option(512, help="Calibration images NNCF uses."),
+    subset_size: int = typer.Option(512, help="Calibration images used (NNCF, or the tflite observers); at most the set's size."),
     fast_bias_correction: bool = typer.Option(True, "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction flavour."),
     preset: str = typer.Option("performance", help="NNCF preset: performance | mixed."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Node name (or type:OpType) to keep in float. Repeatable."),

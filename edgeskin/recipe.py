@@ -562,10 +562,13 @@ def _target_options(t: dict[str, Any]) -> dict[str, Any]:
 
 def _compile_key(ctx: _Ctx, t: dict[str, Any]) -> str:
     from . import __version__
+    from .targets import get_target
+    from .targets.options import compile_kwargs, describe
 
+    resolved = describe(compile_kwargs(get_target(t["target"]), t["target"], _target_options(t)))
     return _digest({"student": ctx.fp["student"], "split": ctx.fp["split"], "data": ctx.data_key,
                     "calibration": ctx.fp.get("calibration") if t["precision"] == "int8" else None,
-                    "target": t, "budget": ctx.recipe.compile_budget, "edgeskin": __version__})
+                    "target": t, "options": resolved, "budget": ctx.recipe.compile_budget, "edgeskin": __version__})
 
 
 def _run_compile(ctx: _Ctx, t: dict[str, Any], out: Path) -> None:

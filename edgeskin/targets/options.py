@@ -14,7 +14,7 @@ from ..errors import ConfigError
 #: option -> (default, targets that use it; None: every target)
 OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "device": (None, None),
-    "subset_size": (None, None),
+    "subset_size": (512, None),
     "first_conv_float": (False, None),
     "fast_bias_correction": (True, ("cpu", "jetson")),
     "preset": ("performance", ("cpu", "jetson")),
@@ -66,14 +66,19 @@ def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: s
         kw: dict[str, Any] = {"layout": str(val["layout"]).upper(), "int8_adds": bool(val["int8_adds"]),
                               "observer": val["observer"], "first_conv_float": bool(val["first_conv_float"]),
                               "device": device}
-        if val["subset_size"] is not None:
-            kw["subset_size"] = int(val["subset_size"])
+        kw["subset_size"] = int(val["subset_size"])
         return kw
     from ..quantize import QuantizeOptions
 
-    q = QuantizeOptions(subset_size=int(val["subset_size"] or 512), fast_bias_correction=bool(val["fast_bias_correction"]),
+    q = QuantizeOptions(subset_size=int(val["subset_size"]), fast_bias_correction=bool(val["fast_bias_correction"]),
                         preset=val["preset"], ignored=tuple(val["ignore"] or ()), keep_head_float=bool(val["head_float"]),
                         first_conv_float=bool(val["first_conv_float"]), range_estimator=val["range_estimator"],
                         max_drop=val["max_drop_int8"], control_metric=val["control_metric"],
                         fallback_agreement=val["float_fallback"], fallback_max_layers=int(val["fallback_max_layers"]))
     return {"quantize": q, "opset": val["opset"], "device": device, "jetpack": val["jetpack"]}
+
+
+def describe(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``compile_kwargs``' result as plain JSON (what a recipe's compile key is made of, so a
+    changed default also makes a bundle stale)."""
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()}

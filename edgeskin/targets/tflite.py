@@ -167,7 +167,7 @@ class TfliteTarget(Target):
         int8_adds: bool = False,
         first_conv_float: bool = False,
         observer: str = "mean_minmax",
-        subset_size: int = 256,
+        subset_size: int = 512,
         device: str | None = None,
         force: bool = False,
         overwrite: bool = False,
