@@ -275,3 +275,19 @@ def test_one_run_per_output_folder(tmp_path):
     (tmp_path / ".recipe" / "lock").write_text(str(gone.pid))  # a crashed run's stale lock
     with _Lock(tmp_path):
         assert (tmp_path / ".recipe" / "lock").read_text() == str(os.getpid())
+
+
+def test_compile_options_map_to_each_target_the_same_way_for_cli_and_recipes():
+    from edgeskin.errors import ConfigError
+    from edgeskin.targets import get_target
+    from edgeskin.targets.options import compile_kwargs, describe
+
+    phone = compile_kwargs(get_target("android"), "android", {"first_conv_float": True})
+    assert phone == {"layout": "NHWC", "int8_adds": False, "observer": "mean_minmax", "first_conv_float": True,
+                     "device": "android-arm64", "subset_size": 512}
+    trt = describe(compile_kwargs(get_target("jetson"), "jetson", {"jetpack": "5.1", "ignore": ["/fc/Gemm"]}))
+    assert trt["jetpack"] == "5.1" and trt["quantize"]["ignored"] == ["/fc/Gemm"] and trt["quantize"]["subset_size"] == 512
+    with pytest.raises(ConfigError, match="did you mean 'subset_size'"):
+        compile_kwargs(get_target("cpu"), "cpu", {"subsetsize": 64})
+    with pytest.raises(ConfigError, match="'jetpack' does not apply to target 'tflite'"):
+        compile_kwargs(get_target("tflite"), "tflite", {"jetpack": "6.1"})
