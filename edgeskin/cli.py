@@ -51,7 +51,7 @@ def _main(
 
 def resolve_data(data: Optional[Path]) -> Path:
     """--data, then $EDGESKIN_DATA, then the default folder (where `data fetch` puts it); says which."""
-    from .recipe import resolve_data_path
+    from .data.fetch import resolve_data_path
 
     path, source = resolve_data_path(data)
     err.print(f"[dim]data: {path} ({source})[/dim]")
@@ -61,16 +61,13 @@ def resolve_data(data: Optional[Path]) -> Path:
 def _preset_kwargs(preset: str, threads: Optional[int], **overrides: Any) -> dict[str, Any]:
     """A training preset's settings with the options the user gave (None: not given) on top;
     also applies --threads to torch. Shared by `train` and `distill`."""
-    from .train import PRESETS
+    from .train import preset_settings
 
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    kw = preset_settings(preset, **overrides)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    kw: dict[str, Any] = dict(PRESETS[preset])
-    kw.update({k: v for k, v in overrides.items() if v is not None})
     return kw
 
 
@@ -536,7 +533,7 @@ def bench(
 
     Exit code 4 when a budget is breached (the message names the row and the metric).
     """
-    from .bench import BenchBudget, BenchConfig, ReferencePredictions, run_bench
+    from .bench import BenchBudget, BenchConfig, ReferencePredictions, compile_failed_row, run_bench
     from .bench.report import rich_table, write_reports
     from .data import read_split
 
@@ -580,8 +577,7 @@ def bench(
                                  budget=Budget(), force=True, overwrite=True, threads=threads, reporter=_reporter())
                 bundle_paths.append(res.bundle)
             except EdgeskinError as exc:
-                extra_rows.append({"row": f"{name}/{prec}", "kind": "bundle", "status": "failed",
-                                   "error": f"compile: {exc.message}"})
+                extra_rows.append(compile_failed_row(name, prec, exc.message))
     report = run_bench(ref, bundle_paths, dataset=ds, budget=budget,
                        config=BenchConfig(threads=threads, runs=runs, engine=engine), extra_rows=extra_rows,
                        reporter=_reporter())
@@ -809,12 +805,10 @@ def run_recipe(
     out.print(t)
     if dry_run:
         return
-    if res.report:
+    if res.report is not None:
         from .bench.report import rich_table
-        from .bench.runner import BenchReport
 
-        out.print(rich_table(BenchReport(**{k: res.report[k] for k in ("rows", "config", "budget", "breaches",
-                                                                        "reference")})))
+        out.print(rich_table(res.report))
         out.print(f"bundles: {r.out / 'bundles'}; report: {r.out / 'bench' / 'report.md'}")
     if res.failed:
         from .targets import CompileError

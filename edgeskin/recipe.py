@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import ConfigError, DataError, EdgeskinError
+from .errors import ConfigError, EdgeskinError
 from .fileio import sha256_file, write_json
 from .progress import NullReporter, Reporter
+from .targets.options import OPTIONS as COMPILE_OPTIONS
 
 STATE_VERSION = 1
 
@@ -48,10 +49,7 @@ _SECTIONS: dict[str, set[str]] = {
                 "focal_gamma", "init", "member", "augment", "pretrained", "patience", "seed", "bf16",
                 "steps_per_epoch", "report_on", "latency_runs", "threads"},
     "calibration": {"file", "size", "seed", "force"},
-    "targets": {"target", "precision", "name", "device", "jetpack", "subset_size", "first_conv_float",
-                "fast_bias_correction", "preset", "ignore", "head_float", "range_estimator", "max_drop_int8",
-                "float_fallback", "fallback_max_layers", "control_metric", "opset", "layout", "int8_adds",
-                "observer"},
+    "targets": {"target", "precision", "name", *COMPILE_OPTIONS},  # plus every option `compile` takes
     "budgets": {"compile", "bench"},
     "budgets.compile": {"top1", "balanced", "mel_recall", "min_agreement", "on_miss"},
     "budgets.bench": {"top1", "balanced", "mel_recall", "max_latency_ms", "against", "device"},
@@ -306,13 +304,9 @@ class RunResult:
     recipe: Recipe
     stages: list[StageOutcome]
     bundles: dict[str, Path]
-    report: dict[str, Any] | None
+    report: Any  # the bench's BenchReport (None if the bench did not run)
     breaches: list[str]
     failed: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.breaches
 
 
 @dataclass
@@ -328,6 +322,14 @@ class _Ctx:
     #: content fingerprint of each finished stage's output: what later stages' keys are made of
     fp: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    _hashed: dict[Path, str] = field(default_factory=dict)
+
+    def folder_fp(self, path: Path) -> str:
+        """:func:`folder_fingerprint`, once per folder per run (a loaded model is read by its
+        stage's key and again as that stage's output; finished folders do not change in a run)."""
+        if path not in self._hashed:
+            self._hashed[path] = folder_fingerprint(path)
+        return self._hashed[path]
 
 
 STAGE_ORDER = ("split", "ensemble", "student", "calibration")
@@ -344,26 +346,9 @@ def stage_names(r: Recipe) -> list[str]:
     return names + [f"compile:{t['name']}" for t in r.targets] + ["bench"]
 
 
-def resolve_data_path(given: Path | None, recipe_path: Path | None = None) -> tuple[Path, str]:
-    """The data folder and where it came from: --data, the recipe, $EDGESKIN_DATA, the default folder."""
-    if given is not None:
-        return given, "--data"
-    if recipe_path is not None:
-        return recipe_path, "recipe [data] path"
-    env = os.environ.get("EDGESKIN_DATA")
-    if env:
-        return Path(env), "EDGESKIN_DATA"
-    from .data.fetch import default_data_dir
-
-    d = default_data_dir()
-    if d.exists():
-        return d, "default folder"
-    raise DataError("no data given and none in the default folder " + str(d),
-                    "pass --data DIR, set EDGESKIN_DATA, or run `edgeskin data fetch ham10000` to download it there")
-
-
 def _load_data(ctx: _Ctx, data: Path | None) -> None:
     from .data import load_dataset
+    from .data.fetch import resolve_data_path
 
     path, source = resolve_data_path(data, ctx.recipe.data.get("path"))
     ctx.data_source = f"{path} ({source})"
@@ -376,18 +361,13 @@ def _load_data(ctx: _Ctx, data: Path | None) -> None:
 
 
 def _train_config(section: dict[str, Any], *, arch_default: str | None = None):  # noqa: ANN202
-    from .train import PRESETS, TrainConfig
+    from .train import TrainConfig, preset_settings
 
-    preset = section.get("preset", "quick")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
-    kw: dict[str, Any] = dict(PRESETS[preset])
-    if arch_default and "arch" not in section:
-        kw["arch"] = arch_default
-    for k in ("arch", "labels", "size", "epochs", "batch_size", "lr", "focal_gamma", "freeze_epochs",
-              "finetune_stages", "patience", "seed", "bf16", "steps_per_epoch", "loss"):
-        if k in section:
-            kw[k] = section[k]
+    given = {k: section.get(k) for k in ("arch", "labels", "size", "epochs", "batch_size", "lr", "focal_gamma",
+                                         "freeze_epochs", "finetune_stages", "patience", "seed", "bf16",
+                                         "steps_per_epoch", "loss")}
+    given["arch"] = given["arch"] or arch_default
+    kw = preset_settings(section.get("preset", "quick"), **given)
     if "pretrained" in section:
         p = section["pretrained"]
         kw["pretrained"] = None if p == "none" else p
@@ -436,7 +416,7 @@ def _ensemble_key(ctx: _Ctx) -> str:
         if not e["load"].exists():
             raise ConfigError(f"{ctx.recipe.path}: [ensemble] load: {e['load']} not found",
                               "point load at a trained ensemble folder, or remove it to train one")
-        return _digest({"load": folder_fingerprint(e["load"])})
+        return _digest({"load": ctx.folder_fp(e["load"])})
     cfg = _train_config(e)
     return _digest({"split": ctx.fp["split"], "data": ctx.data_key, "cfg": cfg.to_dict(),
                     "members": e.get("members", 3), "losses": e.get("losses"), "seed": e.get("seed", 0)})
@@ -484,7 +464,7 @@ def _student_cfg(ctx: _Ctx):  # noqa: ANN202
 def _student_key(ctx: _Ctx) -> str:
     st = ctx.recipe.student
     if "load" in st:
-        return _digest({"load": folder_fingerprint(st["load"])})
+        return _digest({"load": ctx.folder_fp(st["load"])})
     cfg = _student_cfg(ctx)
     return _digest({"ensemble": ctx.fp["ensemble"], "split": ctx.fp["split"], "data": ctx.data_key,
                     "cfg": cfg.__dict__ | {"train": cfg.train.to_dict()},
@@ -609,8 +589,8 @@ def bench_budget(r: Recipe):  # noqa: ANN201
     return BenchBudget.parse(drops or None, b.get("max_latency_ms"), against=b.get("against", "auto"), profile=profile)
 
 
-def _run_bench(ctx: _Ctx, out: Path) -> dict[str, Any]:
-    from .bench import BenchConfig, reference_from_models, run_bench
+def _run_bench(ctx: _Ctx, out: Path) -> Any:
+    from .bench import BenchConfig, compile_failed_row, reference_from_models, run_bench
     from .bench.report import write_reports
 
     r = ctx.recipe
@@ -627,14 +607,13 @@ def _run_bench(ctx: _Ctx, out: Path) -> dict[str, Any]:
             bundles.append(b)
         else:
             why = ctx.results.get(f"compile:{t['name']}", "no bundle")
-            extra.append({"row": f"{t['target']}/{t['precision']}", "kind": "bundle", "status": "failed",
-                          "error": f"compile: {why}"})
+            extra.append(compile_failed_row(t["target"], t["precision"], why))
     report = run_bench(ref, bundles, dataset=ctx.dataset, budget=bench_budget(r),
                        config=BenchConfig(threads=threads, runs=int(r.bench.get("runs", 50)),
                                           engine=r.bench.get("engine", "auto")),
                        extra_rows=extra, reporter=ctx.reporter)
     write_reports(report, out)
-    return report.to_dict()
+    return report
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -719,7 +698,7 @@ def _run(
     def produced(name: str) -> bool:
         if name == "ensemble" and "load" in r.ensemble or name == "student" and "load" in r.student:
             return True
-        return outputs[name].exists()
+        return (outputs[name] / "report.json" if name == "bench" else outputs[name]).exists()
 
     def deps(name: str) -> list[str]:
         if name in ("ensemble", "calibration"):
@@ -737,17 +716,17 @@ def _run(
         if name == "split":
             return sha256_file(outputs["split"])
         if name == "ensemble":
-            return folder_fingerprint(_ensemble_dir(ctx))
+            return ctx.folder_fp(_ensemble_dir(ctx))
         if name == "student":
-            return folder_fingerprint(_student_path(ctx).parent if "load" not in r.student else r.student["load"])
+            return ctx.folder_fp(_student_path(ctx).parent if "load" not in r.student else r.student["load"])
         if name == "calibration":
-            return folder_fingerprint(outputs["calibration"])
+            return ctx.folder_fp(outputs["calibration"])
         manifest = outputs[name] / "manifest.json"
         return sha256_file(manifest) if manifest.is_file() else f"failed:{ctx.keys[name]}"
 
     outcomes: list[StageOutcome] = []
     failed: list[str] = []
-    report: dict[str, Any] | None = None
+    report: Any = None
     pending: set[str] = set()  # dry run: stages that would run, whose outputs are not known yet
     for i, name in enumerate(names, 1):
         waiting = [d for d in deps(name) if d in pending]
@@ -763,7 +742,9 @@ def _run(
             outcomes.append(StageOutcome(name, "up to date" if dry_run else "skipped", detail="inputs unchanged"))
             say(f"[{i}/{len(names)}] {name}: up to date, skipped")
             if name == "bench":
-                report = rec.get("report")
+                from .bench.report import load_report
+
+                report = load_report(outputs["bench"] / "report.json")
         elif same and rec.get("status") == "failed" and name not in redo:
             ctx.results[name] = rec.get("error", "failed")
             failed.append(f"{name}: {rec.get('error')}")
@@ -808,8 +789,7 @@ def _run(
                 say(f"[{i}/{len(names)}] {name}: FAILED ({exc.message})")
             else:
                 secs = time.perf_counter() - t0
-                extra = {"report": report} if name == "bench" else {}
-                state.set(name, key=key, status="done", seconds=round(secs, 1), finished=time.time(), **extra)
+                state.set(name, key=key, status="done", seconds=round(secs, 1), finished=time.time())
                 outcomes.append(StageOutcome(name, "ran", secs))
                 say(f"[{i}/{len(names)}] {name}: done in {secs:.0f} s")
         if name != "bench":
@@ -819,7 +799,7 @@ def _run(
         if until and name == until:
             break
     bundles = {t["name"]: outputs[f"compile:{t['name']}"] for t in r.targets if outputs[f"compile:{t['name']}"].is_dir()}
-    breaches = list((report or {}).get("breaches", []))
+    breaches = list(report.breaches) if report is not None else []
     if not dry_run:
         write_json(r.out / "run.json", {
             "recipe": str(r.path), "name": r.name, "data": ctx.data_source,

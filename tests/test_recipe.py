@@ -196,7 +196,8 @@ def test_recipe_errors_name_the_file_and_key(tmp_path):
 
 
 def test_recipe_paths_are_relative_to_the_file_and_data_lookup_order(tmp_path, monkeypatch):
-    from edgeskin.recipe import load_recipe, resolve_data_path
+    from edgeskin.data.fetch import resolve_data_path
+    from edgeskin.recipe import load_recipe
 
     (tmp_path / "sub").mkdir()
     f = tmp_path / "sub" / "r.toml"

@@ -6,9 +6,10 @@ imports torch, inside the function.
 
 from .latency import LatencyStats, interleaved_latency
 from .reference import ReferencePredictions, reference_from_models
-from .runner import BenchBudget, BenchConfig, BenchReport, BudgetBreach, check_budget, row_metrics, run_bench
+from .runner import (BenchBudget, BenchConfig, BenchReport, BudgetBreach, check_budget, compile_failed_row,
+                     row_metrics, run_bench)
 from .stats import bootstrap_drop, mcnemar, sensitivity_specificity, threshold_at_specificity
 
 __all__ = ["LatencyStats", "interleaved_latency", "ReferencePredictions", "reference_from_models", "BenchBudget",
-           "BenchConfig", "BenchReport", "BudgetBreach", "check_budget", "row_metrics", "run_bench",
+           "BenchConfig", "BenchReport", "BudgetBreach", "check_budget", "compile_failed_row", "row_metrics", "run_bench",
            "bootstrap_drop", "mcnemar", "sensitivity_specificity", "threshold_at_specificity"]

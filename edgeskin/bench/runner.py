@@ -187,6 +187,11 @@ def row_metrics(probs: np.ndarray, y: np.ndarray, codes: Sequence[str], *, ensem
 
 # ---------------------------------------------------------------- inputs
 
+def compile_failed_row(target: str, precision: str, message: str) -> dict[str, Any]:
+    """The row of a target that could not be compiled (for ``run_bench(extra_rows=...)``)."""
+    return {"row": f"{target}/{precision}", "kind": "bundle", "status": "failed", "error": f"compile: {message}"}
+
+
 def bench_inputs(dataset: Dataset, ref: ReferencePredictions) -> Dataset:
     """The data set's samples for the reference's images, in the reference's order, with the
     labels checked against it."""

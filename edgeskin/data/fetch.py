@@ -165,6 +165,22 @@ def default_data_dir(name: str = "ham10000") -> Path:
     return base / "edgeskin" / "data" / name
 
 
+def resolve_data_path(given: Path | None, recipe_path: Path | None = None) -> tuple[Path, str]:
+    """The data folder and where it came from: --data, the recipe, $EDGESKIN_DATA, the default folder."""
+    if given is not None:
+        return given, "--data"
+    if recipe_path is not None:
+        return recipe_path, "recipe [data] path"
+    env = os.environ.get("EDGESKIN_DATA")
+    if env:
+        return Path(env), "EDGESKIN_DATA"
+    d = default_data_dir()
+    if d.exists():
+        return d, "default folder"
+    raise DataError("no data given and none in the default folder " + str(d),
+                    "pass --data DIR, set EDGESKIN_DATA, or run `edgeskin data fetch ham10000` to download it there")
+
+
 def _spec(name: str) -> _DatasetSpec:
     spec = DATASETS.get(name.lower())
     if spec is None:

@@ -1,12 +1,12 @@
 """Training (torch): losses, the shared fit loop, ensembles of members, DDP."""
 
-from .config import PRESETS, TrainConfig
+from .config import PRESETS, TrainConfig, preset_settings
 from .losses import FocalLoss, class_weights, distillation_kl, make_loss
 from .loop import FitResult, fit, train_ensemble, train_member
 from .distill import DistillConfig, DistillResult, distill, distillation_loss
 
 __all__ = [
-    "PRESETS", "TrainConfig", "FocalLoss", "class_weights", "distillation_kl", "make_loss",
+    "PRESETS", "TrainConfig", "preset_settings", "FocalLoss", "class_weights", "distillation_kl", "make_loss",
     "FitResult", "fit", "train_ensemble", "train_member",
     "DistillConfig", "DistillResult", "distill", "distillation_loss",
 ]

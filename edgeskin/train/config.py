@@ -90,3 +90,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reference": {"size": 112, "epochs": 15, "batch_size": 32},
     "published": {"size": 224, "epochs": 30, "batch_size": 32},
 }
+
+
+def preset_settings(preset: str, **overrides: Any) -> dict[str, Any]:
+    """A preset's settings with the given overrides on top (``None``: not given). Shared by the
+    ``train`` and ``distill`` commands and by recipes."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    kw: dict[str, Any] = dict(PRESETS[preset])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return kw
