@@ -64,3 +64,37 @@ def test_predictions(bundles: dict[str, Path], ds: Any, split: Any, *, threads: 
     probs = {p: np.concatenate([pr.probabilities(x[i : i + 32]) for i in range(0, len(x), 32)])
              for p, pr in preds.items()}
     return preds, x, y, probs
+
+
+def pct(v: float) -> str:
+    """A fraction as a percentage with one decimal, as the result tables print it."""
+    return f"{100 * v:.1f}"
+
+
+def metric_cells(m: dict[str, Any]) -> str:
+    """``top-1 | top-2 | top-3 | balanced acc. | mel recall | ECE`` cells of one result-table row."""
+    return (f"{pct(m['top1'])} | {pct(m['top2'])} | {pct(m['top3'])} | {pct(m['balanced_accuracy'])} | "
+            f"{pct(m['mel_sensitivity'])} | {m['ece']:.3f}")
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[Any, ...]:
+    """What a target benchmark reads: (member, calibration file, calibration set, data set, split);
+    also creates ``args.out``."""
+    from edgeskin.calibration import read_calibration_set
+    from edgeskin.data import load_dataset, read_split
+
+    calib = calibration_file(args.calib)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return (best_reference_member(args.model, args.member), calib, read_calibration_set(calib),
+            load_dataset(args.data), read_split(args.split))
+
+
+def run_or_render(name: str, main: Any, markdown: Any) -> None:
+    """``SCRIPT --render`` re-renders results/NAME.md from the committed NAME.json; otherwise runs."""
+    import sys
+
+    if sys.argv[1:2] == ["--render"]:
+        rec = json.loads((HERE / "results" / f"{name}.json").read_text())
+        (HERE / "results" / f"{name}.md").write_text(markdown(rec))
+    else:
+        main()

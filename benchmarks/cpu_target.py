@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import HERE, best_reference_member, model_args, test_predictions
+from _common import HERE, best_reference_member, metric_cells, model_args, pct, run_or_render, test_predictions
 
 
 def main() -> None:
@@ -103,9 +103,6 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    def pct(v: float) -> str:
-        return f"{100 * v:.1f}"
-
     t = r["test"]
     lines = [
         "# cpu target: FP32 vs INT8 (ONNX Runtime) on the reference model",
@@ -120,8 +117,7 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in ("fp32", "int8"):
-        lines.append(f"| cpu/{p} | {pct(t[p]['top1'])} | {pct(t[p]['top2'])} | {pct(t[p]['top3'])} | "
-                     f"{pct(t[p]['balanced_accuracy'])} | {pct(t[p]['mel_sensitivity'])} | {t[p]['ece']:.3f} | "
+        lines.append(f"| cpu/{p} | {metric_cells(t[p])} | "
                      f"{r['model_bytes'][p] / 1e6:.1f} MB |")
     d = {k: 100 * (t['fp32'][k] - t['int8'][k]) for k in ("top1", "balanced_accuracy", "mel_sensitivity")}
     lines += [
@@ -155,10 +151,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--render"]:  # re-render the Markdown from the committed JSON
-        rec = json.loads((HERE / "results" / "cpu_target.json").read_text())
-        (HERE / "results" / "cpu_target.md").write_text(markdown(rec))
-    else:
-        main()
+    run_or_render("cpu_target", main, markdown)

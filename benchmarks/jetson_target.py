@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import HERE, best_reference_member, calibration_file, model_args, test_predictions
+from _common import HERE, load_inputs, metric_cells, model_args, pct, test_predictions
 
 
 def main() -> None:
@@ -37,8 +37,6 @@ def main() -> None:
     ap.add_argument("--name", default="jetson_target")
     args = ap.parse_args()
 
-    from edgeskin.calibration import read_calibration_set
-    from edgeskin.data import load_dataset, read_split
     from edgeskin.fileio import atomic_write_bytes, write_json
     from edgeskin.metrics import classification_report
     from edgeskin.progress import RichReporter
@@ -46,12 +44,7 @@ def main() -> None:
     from edgeskin.targets import get_target
 
     rep = RichReporter()
-    member = best_reference_member(args.model, args.member)
-    calib = calibration_file(args.calib)
-    cal = read_calibration_set(calib)
-    ds = load_dataset(args.data)
-    split = read_split(args.split)
-    args.out.mkdir(parents=True, exist_ok=True)
+    member, calib, cal, ds, split = load_inputs(args)
     q = QuantizeOptions(first_conv_float=args.first_conv_float)
     bundles, checks, seconds = {}, {}, {}
     jetson = get_target("jetson")
@@ -97,9 +90,6 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    def pct(v: float) -> str:
-        return f"{100 * v:.1f}"
-
     t, a = r["test"], r["test_top1_agreement_vs_fp32"]
     e = r["engine"]
     lines = [
@@ -119,8 +109,7 @@ def markdown(r: dict) -> str:
     names = {"fp16": "jetson/fp16 (FP32 graph; FP16 is a build flag)", "int8": "jetson/int8 (TensorRT Q/DQ form)",
              "cpu-int8": "cpu/int8 (same calibration, ORT form)"}
     for p in ("fp16", "int8", "cpu-int8"):
-        lines.append(f"| {names[p]} | {pct(t[p]['top1'])} | {pct(t[p]['top2'])} | {pct(t[p]['top3'])} | "
-                     f"{pct(t[p]['balanced_accuracy'])} | {pct(t[p]['mel_sensitivity'])} | {t[p]['ece']:.3f} | "
+        lines.append(f"| {names[p]} | {metric_cells(t[p])} | "
                      f"{pct(a[p])} | {r['model_bytes'][p] / 1e6:.1f} MB |")
     d = {k: 100 * (t['fp16'][k] - t['int8'][k]) for k in ("top1", "balanced_accuracy", "mel_sensitivity")}
     lines += [

@@ -17,12 +17,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from _common import HERE, best_reference_member, calibration_file, model_args, test_predictions
+from _common import HERE, load_inputs, metric_cells, model_args, pct, run_or_render, test_predictions
 
 
 def main() -> None:
@@ -40,8 +39,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeskin.bench import interleaved_latency
-    from edgeskin.calibration import read_calibration_set
-    from edgeskin.data import load_dataset, read_split
     from edgeskin.fileio import atomic_write_bytes, write_json
     from edgeskin.metrics import classification_report
     from edgeskin.progress import RichReporter
@@ -49,12 +46,7 @@ def main() -> None:
     from edgeskin.targets import get_target
 
     rep = RichReporter()
-    member = best_reference_member(args.model, args.member)
-    calib = calibration_file(args.calib)
-    cal = read_calibration_set(calib)
-    ds = load_dataset(args.data)
-    split = read_split(args.split)
-    args.out.mkdir(parents=True, exist_ok=True)
+    member, calib, cal, ds, split = load_inputs(args)
     phone = get_target("tflite")
     int8_opts = dict(observer=args.observer, subset_size=args.subset_size, int8_adds=args.int8_adds,
                      first_conv_float=args.first_conv_float)
@@ -104,9 +96,6 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    def pct(v: float) -> str:
-        return f"{100 * v:.1f}"
-
     t, a = r["test"], r["test_top1_agreement_vs_fp32"]
     lines = [
         "# tflite target: LiteRT FP32 / FP16 / INT8 on the reference model",
@@ -122,8 +111,7 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in ("fp32", "fp16", "int8"):
-        lines.append(f"| tflite/{p} | {pct(t[p]['top1'])} | {pct(t[p]['top2'])} | {pct(t[p]['top3'])} | "
-                     f"{pct(t[p]['balanced_accuracy'])} | {pct(t[p]['mel_sensitivity'])} | {t[p]['ece']:.3f} | "
+        lines.append(f"| tflite/{p} | {metric_cells(t[p])} | "
                      f"{'-' if p == 'fp32' else pct(a[p])} | {r['model_bytes'][p] / 1e6:.1f} MB |")
     d = {k: 100 * (t['fp32'][k] - t['int8'][k]) for k in ("top1", "balanced_accuracy", "mel_sensitivity")}
     io = r["int8_io"]
@@ -153,8 +141,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # re-render the Markdown from the committed JSON
-        rec = json.loads((HERE / "results" / "tflite_target.json").read_text())
-        (HERE / "results" / "tflite_target.md").write_text(markdown(rec))
-    else:
-        main()
+    run_or_render("tflite_target", main, markdown)
