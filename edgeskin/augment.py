@@ -71,19 +71,52 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _jitter(arr: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class AugmentParams:
+    """One image's random draws: a crop box, a rotation, flips, quarter turns and jitter factors.
+
+    Drawn by :func:`draw_params` in one fixed order from one generator, so the CPU path
+    (:func:`augment`) and the GPU path (:mod:`edgeskin.train.gpu_augment`) apply the same draws
+    for the same seed, epoch and image.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    angle: float
+    hflip: bool
+    vflip: bool
+    quarter_turns: int
+    brightness: float
+    contrast: float
+    saturation: float
+
+
+def draw_params(height: int, width: int, cfg: AugmentConfig, rng: np.random.Generator) -> AugmentParams:
+    """Every random draw of one training view (``height`` x ``width``: the cached image)."""
+    top, left, ch, cw = random_resized_crop_box(height, width, cfg.scale, cfg.ratio, rng)
+    angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees)) if cfg.rotation_degrees > 0 else 0.0
+    hflip = bool(cfg.hflip and rng.random() < 0.5)
+    vflip = bool(cfg.vflip and rng.random() < 0.5)
+    k = int(rng.integers(0, 4)) if cfg.rot90 else 0
+    b = float(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)) if cfg.brightness > 0 else 1.0
+    c = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) if cfg.contrast > 0 else 1.0
+    s = float(rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)) if cfg.saturation > 0 else 1.0
+    return AugmentParams(top, left, ch, cw, angle, hflip, vflip, k, b, c, s)
+
+
+def _jitter(arr: np.ndarray, p: AugmentParams) -> np.ndarray:
     x = arr.astype(np.float32)
-    if cfg.brightness > 0:
-        x = x * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    if p.brightness != 1.0:
+        x = x * p.brightness
     gray_w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    if cfg.contrast > 0:
+    if p.contrast != 1.0:
         mean = float((np.clip(x, 0, 255) @ gray_w).mean())
-        f = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
-        x = (x - mean) * f + mean
-    if cfg.saturation > 0:
+        x = (x - mean) * p.contrast + mean
+    if p.saturation != 1.0:
         gray = (np.clip(x, 0, 255) @ gray_w)[..., None]
-        f = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
-        x = (x - gray) * f + gray
+        x = (x - gray) * p.saturation + gray
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -92,23 +125,20 @@ def augment(
 ) -> np.ndarray:
     """A random training view of one image: HWC uint8 in, normalised float32 out."""
     h, w = resized.shape[:2]
-    top, left, ch, cw = random_resized_crop_box(h, w, cfg.scale, cfg.ratio, rng)
+    p = draw_params(h, w, cfg, rng)
     img = Image.fromarray(resized)
     img = img.resize(
         (pre.size, pre.size), _INTERPOLATION[pre.interpolation],
-        box=(left, top, left + cw, top + ch),
+        box=(p.left, p.top, p.left + p.width, p.top + p.height),
     )
-    if cfg.rotation_degrees > 0:
-        angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
-        img = img.rotate(angle, resample=Image.BILINEAR)
+    if p.angle:
+        img = img.rotate(p.angle, resample=Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
-    if cfg.hflip and rng.random() < 0.5:
+    if p.hflip:
         arr = arr[:, ::-1]
-    if cfg.vflip and rng.random() < 0.5:
+    if p.vflip:
         arr = arr[::-1]
-    if cfg.rot90:
-        k = int(rng.integers(0, 4))
-        if k:
-            arr = np.rot90(arr, k)
-    arr = _jitter(np.ascontiguousarray(arr), cfg, rng)
+    if p.quarter_turns:
+        arr = np.rot90(arr, p.quarter_turns)
+    arr = _jitter(np.ascontiguousarray(arr), p)
     return normalize(arr, pre)

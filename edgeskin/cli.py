@@ -71,9 +71,49 @@ def _preset_kwargs(preset: str, threads: Optional[int], **overrides: Any) -> dic
     return kw
 
 
-def _pretrained_option(text: str) -> Optional[str]:
-    """--pretrained: ``auto`` (torchvision's cache), ``none`` (random initialisation) or a file."""
-    return None if text == "none" else ("auto" if text == "auto" else str(Path(text)))
+def _pretrained_option(text: Optional[str]) -> Optional[str]:
+    """--pretrained: ``auto`` (torchvision's cache), ``imagenet`` (download if missing), ``none``
+    (random initialisation), a URL or a file. None: not given (the preset decides)."""
+    if text is None or text in ("auto", "imagenet", "none") or text.startswith(("http://", "https://")):
+        return text
+    return str(Path(text))
+
+
+def _pretrained_setting(kw: dict[str, Any]) -> dict[str, Any]:
+    """The resolved ``pretrained`` of a settings dict: the preset's or the option's, ``auto`` when
+    neither says, and None for ``none``."""
+    p = kw.get("pretrained", "auto")
+    kw["pretrained"] = None if p == "none" else p
+    return kw
+
+
+DEVICE_HELP = "Compute device: auto (CUDA when available) | cpu | cuda | cuda:N. Under torchrun: cuda:LOCAL_RANK."
+DETERMINISTIC_HELP = ("Repeatable CUDA runs: torch's deterministic algorithms and no cuDNN autotuning "
+                      "(slower); off: fast non-deterministic kernels.")
+
+
+def _compute(device: str, bf16: str = "auto", deterministic: bool = False, *, training: bool = True):  # noqa: ANN202
+    """The one device decision for a command (joins torchrun's process group); printed once."""
+    from .models.compute import resolve_compute
+
+    c = resolve_compute(device, bf16=bf16, deterministic=deterministic)
+    if c.rank == 0:
+        err.print(f"[dim]compute: {c.describe(training)}[/dim]")
+    return c
+
+
+def _warn_if_not_transfer(preset: str, pretrained: Optional[str], arch: str) -> None:
+    """A preset meant for transfer learning that will start from random weights: say so loudly."""
+    from .train.config import TRANSFER_PRESETS
+
+    if preset not in TRANSFER_PRESETS or pretrained != "auto":
+        return
+    from .models.weights import _cached_imagenet, hub_checkpoints
+
+    if _cached_imagenet(arch) is None:
+        err.print(f"[bold yellow]warning:[/bold yellow] the {preset} preset is ImageNet transfer learning, but "
+                  f"--pretrained auto found no {arch} weights in {hub_checkpoints()}: training from random "
+                  "initialisation, which is not the published method. Use --pretrained imagenet to download them.")
 
 
 def _reporter(quiet: bool = False):  # noqa: ANN202
@@ -194,34 +234,37 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, warm-up then cosine)."),
     loss: Optional[str] = typer.Option(None, help="wce | focal | ce, or a comma list, one per member. Default: wce, focal, wce, ..."),
     focal_gamma: float = typer.Option(2.0, help="Focal loss gamma (alpha = the class weights)."),
-    pretrained: str = typer.Option("auto", help="auto (torchvision's cache if present) | none | FILE of ImageNet weights."),
+    pretrained: Optional[str] = typer.Option(None, help="imagenet (torchvision's weights, downloaded once into torch hub's cache) | auto (the cache if present, else random; never downloads) | none | URL | FILE. Default: the preset's (published: imagenet; others: auto)."),
     freeze_epochs: Optional[int] = typer.Option(None, help="Epochs with the backbone frozen. Default: 2 if pretrained, else 0."),
     finetune_stages: str = typer.Option("auto", help="Stages trained after the warm-up: auto | all | N (the last N)."),
     patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
     seed: int = typer.Option(0, help="Seed of member 0 (member i uses seed + i)."),
-    bf16: str = typer.Option("auto", help="bfloat16 autocast: auto (if the CPU has it) | on | off."),
+    bf16: str = typer.Option("auto", help="Mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 with a gradient scaler; CPU: bf16 if it has the instructions) | on | off (fp32)."),
+    device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP),
+    deterministic: bool = typer.Option(False, "--deterministic", help=DETERMINISTIC_HELP),
     threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
     """Train an ensemble of ResNet50 members (class-weighted CE / focal loss) on a lesion-disjoint split.
 
-    Works under `torchrun --nproc-per-node N -m edgeskin train ...` (DistributedDataParallel).
+    Runs on a GPU when there is one (--device), and under `torchrun --nproc-per-node N -m edgeskin
+    train ...` (DistributedDataParallel; one GPU per process, or gloo on CPUs).
     """
     from .data import make_split, read_split, write_split
     from .train import TrainConfig, train_ensemble
-    from .train.loop import dist_info, init_distributed_from_env
 
-    kw = _preset_kwargs(preset, threads, arch=arch, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-                        steps_per_epoch=steps_per_epoch or None)
+    kw = _pretrained_setting(_preset_kwargs(preset, threads, arch=arch, size=size, epochs=epochs,
+                                            batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch or None,
+                                            pretrained=_pretrained_option(pretrained)))
     losses = [s.strip() for s in loss.split(",")] if loss else None
     if losses and len(losses) == 1:
         losses = losses * members
-    cfg = TrainConfig(labels=labels, focal_gamma=focal_gamma, pretrained=_pretrained_option(pretrained),
+    cfg = TrainConfig(labels=labels, focal_gamma=focal_gamma,
                       freeze_epochs=freeze_epochs, finetune_stages=finetune_stages, patience=patience,
                       seed=seed, bf16=bf16, **kw)
-    init_distributed_from_env()
-    rank, world = dist_info()
+    compute = _compute(device, bf16, deterministic)
+    rank, world = compute.rank, compute.world
     ds = _load_data(data, images, skip_bad)
     split_path = split_file or output / "split.csv"
     if split_path.is_file():
@@ -235,11 +278,12 @@ def train(
             err.print(f"wrote split {split_path}")
     if rank == 0:
         out.print(split_table(s))
+        _warn_if_not_transfer(preset, cfg.pretrained, cfg.arch)
         err.print(f"training {members} × {cfg.arch} at {cfg.size} px, ≤{cfg.epochs} epochs"
                   + (f", {world} processes" if world > 1 else ""))
     results = train_ensemble(cfg, dataset=ds, split=s, out_dir=output, members=members, losses=losses,
                              seeds=[seed + i for i in range(members)], reporter=_reporter(quiet=rank != 0),
-                             skip_bad=skip_bad)
+                             skip_bad=skip_bad, compute=compute)
     if rank == 0:
         t = Table(title=f"Trained members ({output})")
         for col in ("member", "best epoch", "val balanced %", "epochs run", "resumed"):
@@ -269,10 +313,12 @@ def distill(
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: the preset's, a third of it when starting from a teacher member."),
-    pretrained: str = typer.Option("auto", help="For ImageNet initialisation: auto (torchvision's cache) | none | FILE."),
+    pretrained: Optional[str] = typer.Option(None, help="For ImageNet initialisation: imagenet (download once) | auto (torchvision's cache only) | none | URL | FILE. Default: the preset's."),
     patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
     seed: int = typer.Option(0, help="Seed."),
-    bf16: str = typer.Option("auto", help="bfloat16 autocast for student and teacher: auto | on | off."),
+    bf16: str = typer.Option("auto", help="Mixed precision of the student: auto (CUDA: bf16, else fp16; CPU: bf16 if it has the instructions) | on | off. The teacher always runs in fp32, as evaluate and bench do."),
+    device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP),
+    deterministic: bool = typer.Option(False, "--deterministic", help=DETERMINISTIC_HELP),
     threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
     report_on: str = typer.Option("test", "--report-on", help="Split of the final student-vs-teacher report: test | val | none."),
@@ -288,18 +334,18 @@ def distill(
     """
     from .data import read_split
     from .train import DistillConfig, TrainConfig, distill as run_distill
-    from .train.loop import dist_info, init_distributed_from_env
 
     if report_on not in ("test", "val", "none"):
         raise ConfigError(f"--report-on {report_on!r}", "choose test, val or none")
-    kw = _preset_kwargs(preset, threads, arch=student, epochs=epochs, batch_size=batch_size, lr=lr,
-                        steps_per_epoch=steps_per_epoch)
-    tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma, pretrained=_pretrained_option(pretrained),
+    kw = _pretrained_setting(_preset_kwargs(preset, threads, arch=student, epochs=epochs, batch_size=batch_size,
+                                            lr=lr, steps_per_epoch=steps_per_epoch,
+                                            pretrained=_pretrained_option(pretrained)))
+    tcfg = TrainConfig(loss=loss, focal_gamma=focal_gamma,
                        patience=patience, seed=seed, bf16=bf16, **({} if augment else {"augment": None}), **kw)
     cfg = DistillConfig(train=tcfg, temperature=temperature, alpha=alpha, init=init, member=member,
                         member_lr_factor=None if lr is not None else 1 / 3)
-    init_distributed_from_env()
-    rank, _ = dist_info()
+    compute = _compute(device, bf16, deterministic)
+    rank = compute.rank
     ds = _load_data(data, images, skip_bad)
     s = read_split(_split_for(split_file, teacher))
     if rank == 0:
@@ -308,7 +354,7 @@ def distill(
     res = run_distill(teacher, cfg, dataset=ds, split=s, out_dir=output,
                       report_split=None if report_on == "none" else report_on, latency_runs=latency_runs,
                       latency_threads=latency_threads,
-                      reporter=_reporter(quiet=rank != 0), skip_bad=skip_bad)
+                      reporter=_reporter(quiet=rank != 0), skip_bad=skip_bad, compute=compute)
     if rank != 0:
         return
     out.print(f"student: {res.checkpoint} (best epoch {res.best_epoch}, val balanced {_pct(res.best_score)}%"
@@ -347,6 +393,7 @@ def evaluate(
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
     batch_size: int = typer.Option(64, help="Inference batch size."),
+    device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP + " Inference is fp32."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
     """Evaluate a model or ensemble: top-1/2/3, balanced accuracy, per-class metrics and more.
@@ -360,7 +407,7 @@ def evaluate(
     ds = _load_data(data, images, skip_bad)
     s = read_split(_split_for(split_file, model))
     ev = run_eval(model, dataset=ds, split=s, split_name=on, batch_size=batch_size,
-                  reporter=_reporter(), skip_bad=skip_bad)
+                  reporter=_reporter(), skip_bad=skip_bad, device=_compute(device, training=False))
     for t in metrics_tables(ev.reports, f"{model} on the {on} split ({len(ev.image_ids)} images)"):
         out.print(t)
     if json_out is not None:
@@ -525,6 +572,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="Runtime threads for every bundle."),
     runs: int = typer.Option(50, help="Timed batch-1 runs per bundle (after warm-up)."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto | tensorrt | onnxruntime (host proxy)."),
+    compute_device: str = typer.Option("auto", "--compute-device", help="Where the ensemble and student rows are evaluated (fp32): auto | cpu | cuda | cuda:N. Latency is always measured on the host CPU."),
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Also write the reference predictions here (to bench on a device without torch)."),
     output: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for report.json, report.md and the plots."),
 ) -> None:
@@ -553,7 +601,7 @@ def bench(
         # --on all: every image of --data (e.g. an ISIC 2018 ground-truth CSV, which has no split)
         split = None if on == "all" else read_split(_split_for(split_file, reference))
         ref = reference_from_models(reference, dataset=ds, split=split, split_name=on, student=student,
-                                    threads=threads, reporter=_reporter())
+                                    threads=threads, reporter=_reporter(), compute=_compute(compute_device, training=False))
         if save_reference:
             ref.save(save_reference)
             out.print(f"wrote reference predictions {save_reference} ({len(ref.image_ids)} images)")

@@ -42,11 +42,14 @@ def evaluate(
     reporter: Reporter | None = None,
     skip_bad: bool = False,
     members: Sequence[Any] | None = None,
+    device: Any = None,
 ) -> Evaluation:
     """Evaluate every member of ``model`` (an ensemble folder or one checkpoint) and, with more
     than one member, the ensemble (mean of softmax), on ``split_name`` of ``dataset``.
 
-    ``members``: the checkpoints of ``model`` when the caller has loaded them already."""
+    ``members``: the checkpoints of ``model`` when the caller has loaded them already.
+    ``device``: a torch device or a :class:`~edgeskin.models.compute.Compute` (default: the CPU);
+    inference is fp32 there. The members are moved back to the CPU afterwards."""
     import torch
 
     from .models import load_ensemble, predict_probs
@@ -59,11 +62,17 @@ def evaluate(
     subset, x, y = load_eval_set(subset, pre, labels, what=split_name, reporter=reporter, skip_bad=skip_bad)
     probs: dict[str, np.ndarray] = {}
     reports: dict[str, dict[str, Any]] = {}
+    dev = getattr(device, "device", device)
     with torch.inference_mode():
         for m in members:
             reporter.start(f"evaluating {m.name}", len(x))
-            probs[m.name] = predict_probs(m.model, x, batch_size=batch_size, progress=reporter.advance)
-            reporter.stop()
+            try:
+                probs[m.name] = predict_probs(m.model, x, batch_size=batch_size, progress=reporter.advance,
+                                              device=dev)
+            finally:
+                if dev is not None:
+                    m.model.cpu()
+                reporter.stop()
             reports[m.name] = classification_report(probs[m.name], y, labels.codes)
     if len(members) > 1:
         ens = np.mean([probs[m.name] for m in members], axis=0)

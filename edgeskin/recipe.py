@@ -44,16 +44,16 @@ _SECTIONS: dict[str, set[str]] = {
     "split": {"file", "seed", "fractions"},
     "ensemble": {"load", "preset", "members", "arch", "labels", "size", "epochs", "batch_size", "lr", "losses",
                  "focal_gamma", "pretrained", "freeze_epochs", "finetune_stages", "patience", "seed", "bf16",
-                 "steps_per_epoch", "threads"},
+                 "steps_per_epoch", "threads", "compute_device", "deterministic"},
     "student": {"load", "arch", "preset", "epochs", "batch_size", "lr", "temperature", "alpha", "loss",
                 "focal_gamma", "init", "member", "augment", "pretrained", "patience", "seed", "bf16",
-                "steps_per_epoch", "report_on", "latency_runs", "threads"},
+                "steps_per_epoch", "report_on", "latency_runs", "threads", "compute_device", "deterministic"},
     "calibration": {"file", "size", "seed", "force"},
     "targets": {"target", "precision", "name", *COMPILE_OPTIONS},  # plus every option `compile` takes
     "budgets": {"compile", "bench"},
     "budgets.compile": {"top1", "balanced", "mel_recall", "min_agreement", "on_miss"},
     "budgets.bench": {"top1", "balanced", "mel_recall", "max_latency_ms", "against", "device"},
-    "bench": {"on", "runs", "threads", "engine"},
+    "bench": {"on", "runs", "threads", "engine", "compute_device"},
 }
 
 
@@ -381,6 +381,23 @@ def _train_config(section: dict[str, Any], *, arch_default: str | None = None): 
         raise ConfigError(f"bad training setting: {exc}", "see recipes/quick.toml for the keys") from None
 
 
+def _compute(section: dict[str, Any], *, training: bool = True):  # noqa: ANN202
+    """The section's compute device (``compute_device``: auto | cpu | cuda | cuda:N; ``[[targets]]``
+    ``device`` names a device profile instead), resolved once: the same rule as ``--device``."""
+    from .models.compute import resolve_compute
+
+    return resolve_compute(str(section.get("compute_device", "auto")),
+                           bf16=str(section.get("bf16", "auto")) if training else "off",
+                           deterministic=bool(section.get("deterministic", False)), init_distributed=False)
+
+
+def _compute_key(section: dict[str, Any]) -> dict[str, Any]:
+    """What of the compute decision enters a training stage's key: the device kind and the
+    *resolved* precision (``bf16 = "auto"`` resolves differently on different machines)."""
+    c = _compute(section)
+    return {"device": c.kind, "precision": c.precision, "deterministic": c.deterministic}
+
+
 def _threads(section: dict[str, Any]) -> None:
     if section.get("threads"):
         import torch
@@ -419,7 +436,8 @@ def _ensemble_key(ctx: _Ctx) -> str:
         return _digest({"load": ctx.folder_fp(e["load"])})
     cfg = _train_config(e)
     return _digest({"split": ctx.fp["split"], "data": ctx.data_key, "cfg": cfg.to_dict(),
-                    "members": e.get("members", 3), "losses": e.get("losses"), "seed": e.get("seed", 0)})
+                    "members": e.get("members", 3), "losses": e.get("losses"), "seed": e.get("seed", 0),
+                    "compute": _compute_key(e)})
 
 
 def _ensemble_dir(ctx: _Ctx) -> Path:
@@ -446,9 +464,11 @@ def _run_ensemble(ctx: _Ctx, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ctx.recipe.out / "split.csv", out / "split.csv")
     ctx.say(f"training {members} × {cfg.arch} at {cfg.size} px, ≤{cfg.epochs} epochs each")
+    compute = _compute(e)
+    ctx.say(f"compute: {compute.describe()}")
     train_ensemble(cfg, dataset=ctx.dataset, split=ctx.split, out_dir=out, members=members, losses=losses,
                    seeds=[seed + i for i in range(members)], reporter=ctx.reporter,
-                   skip_bad=bool(ctx.recipe.data.get("skip_bad", False)))
+                   skip_bad=bool(ctx.recipe.data.get("skip_bad", False)), compute=compute)
 
 
 def _student_cfg(ctx: _Ctx):  # noqa: ANN202
@@ -468,7 +488,7 @@ def _student_key(ctx: _Ctx) -> str:
     cfg = _student_cfg(ctx)
     return _digest({"ensemble": ctx.fp["ensemble"], "split": ctx.fp["split"], "data": ctx.data_key,
                     "cfg": cfg.__dict__ | {"train": cfg.train.to_dict()},
-                    "report_on": st.get("report_on", "none")})
+                    "report_on": st.get("report_on", "none"), "compute": _compute_key(st)})
 
 
 def _student_path(ctx: _Ctx) -> Path:
@@ -490,9 +510,11 @@ def _run_student(ctx: _Ctx, out: Path) -> None:
     report_on = st.get("report_on", "none")
     ctx.say(f"distilling the ensemble into {cfg.train.arch} (T={cfg.temperature}, alpha={cfg.alpha}, "
             f"≤{cfg.train.epochs} epochs)")
+    compute = _compute(st)
+    ctx.say(f"compute: {compute.describe()}")
     distill(_ensemble_dir(ctx), cfg, dataset=ctx.dataset, split=ctx.split, out_dir=out,
             report_split=None if report_on == "none" else report_on, latency_runs=int(st.get("latency_runs", 0)),
-            reporter=ctx.reporter, skip_bad=bool(ctx.recipe.data.get("skip_bad", False)))
+            reporter=ctx.reporter, skip_bad=bool(ctx.recipe.data.get("skip_bad", False)), compute=compute)
 
 
 def _calibration_key(ctx: _Ctx) -> str:
@@ -597,7 +619,8 @@ def _run_bench(ctx: _Ctx, out: Path) -> Any:
     on = r.bench.get("on", "test")
     threads = r.bench.get("threads")
     ref = reference_from_models(_ensemble_dir(ctx), dataset=ctx.dataset, split=ctx.split, split_name=on,
-                                student=_student_path(ctx), threads=threads, reporter=ctx.reporter)
+                                student=_student_path(ctx), threads=threads, reporter=ctx.reporter,
+                                compute=_compute(r.bench, training=False))
     out.mkdir(parents=True, exist_ok=True)
     ref.save(out / f"reference-{on}.npz")
     bundles, extra = [], []

@@ -89,9 +89,11 @@ def reference_from_models(
     latency_runs: int = 30,
     threads: int | None = None,
     reporter: Any = None,
+    compute: Any = None,
 ) -> ReferencePredictions:
     """Evaluate the ensemble (and the FP32 student) here with torch and keep their predictions,
-    with their batch-1 torch latency, as a :class:`ReferencePredictions`."""
+    with their batch-1 torch latency, as a :class:`ReferencePredictions`. ``compute``: where the
+    predictions are computed (fp32; default the CPU); latency is always timed on the host CPU."""
     import torch
 
     from ..evaluate import evaluate
@@ -105,17 +107,19 @@ def reference_from_models(
         return sum((Path(m.path).parent / m.config["weights"]).stat().st_size for m in ms)
 
     members = load_ensemble(Path(ensemble))
-    ev = evaluate(ensemble, dataset=dataset, split=split, split_name=split_name, reporter=reporter, members=members)
+    ev = evaluate(ensemble, dataset=dataset, split=split, split_name=split_name, reporter=reporter, members=members,
+                  device=compute)
     probs = {"ensemble": ev.probs["ensemble"] if "ensemble" in ev.probs else next(iter(ev.probs.values()))}
     models: dict[str, Any] = {"ensemble": Ensemble([m.model for m in members])}
     sizes = {"ensemble": weights_bytes(members)}
     info: dict[str, Any] = {"ensemble": str(ensemble), "student": None if student is None else str(student),
+                            "predictions_device": "cpu" if compute is None else str(getattr(compute, "device", compute)),
                             "student_sha256": None,
                             "members": [{"name": m.name, "sha256": m.sha256} for m in members], "rows": {}}
     if student is not None:
         smembers = load_ensemble(Path(student))
         sv = evaluate(student, dataset=dataset, split=split, split_name=split_name, reporter=reporter,
-                      members=smembers)
+                      members=smembers, device=compute)
         if sv.image_ids != ev.image_ids:
             raise ConfigError("the student and the ensemble were scored on different images",
                               "use one data set and split for both")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from .weights import WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +68,6 @@ def arch_spec(name: str) -> ArchSpec:
         ) from None
 
 
-def _imagenet_candidates(name: str) -> list[Path]:
-    """Files in torchvision's cache that would hold ImageNet weights for ``name``."""
-    import torchvision
-
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    out = []
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except Exception:  # noqa: BLE001
-        return out
-    for w in enum:  # newest (V2) last in the enum; prefer it
-        out.insert(0, hub / os.path.basename(w.url))
-    return out
-
-
 def _replace_head(model: nn.Module, name: str, num_classes: int, dropout: float) -> None:
     if name.startswith("resnet"):
         in_features = model.fc.in_features
@@ -96,50 +84,40 @@ def build_model(
     num_classes: int = 7,
     *,
     dropout: float = 0.3,
-    pretrained: str | os.PathLike | None = "auto",
+    pretrained: "str | os.PathLike | WeightsFile | None" = "auto",
 ) -> tuple[nn.Module, str | None]:
     """Build ``arch`` with the published head.
 
     ``pretrained``: ``"auto"`` loads ImageNet weights from torchvision's cache when present,
-    a path loads that file, ``None``/``"none"`` starts from random initialisation. Nothing is
-    downloaded. Returns the model and a description of the weights it started from (``None``
-    for random initialisation).
+    ``"imagenet"`` downloads them when missing, a URL or a path loads that file, ``None`` /
+    ``"none"`` starts from random initialisation (see :mod:`edgeskin.models.weights`), or an
+    already resolved :class:`~edgeskin.models.weights.WeightsFile`. Returns the model and a
+    description of the weights it started from (``None`` for random initialisation).
     """
     import torchvision
 
+    from .weights import WeightsFile, resolve_pretrained
+
     arch_spec(arch)
     model = torchvision.models.get_model(arch, weights=None)
+    wf = pretrained if isinstance(pretrained, WeightsFile) else resolve_pretrained(arch, pretrained)
     source: str | None = None
-    if pretrained not in (None, "none", "random"):
-        if pretrained == "auto":
-            path = next((p for p in _imagenet_candidates(arch) if p.is_file()), None)
-            if path is None:
-                log.info(
-                    "no ImageNet weights for %s in torchvision's cache (%s): starting from random "
-                    "initialisation", arch, Path(torch.hub.get_dir()) / "checkpoints",
-                )
-        else:
-            path = Path(pretrained)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"{path}: pretrained weights not found",
-                    "pass an ImageNet state_dict file for this architecture, or --pretrained none",
-                )
-        if path is not None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"{path}: cannot read weights ({exc})",
-                                      "pass a torchvision state_dict file") from None
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if len(missing) > 0 or len(unexpected) > 0:
-                raise CheckpointError(
-                    f"{path}: does not match {arch} (missing {len(missing)}, unexpected {len(unexpected)} keys)",
-                    f"pass ImageNet weights made for torchvision's {arch}",
-                )
-            source = f"imagenet:{path.name}"
+    if wf is not None:
+        path = wf.path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot read weights ({exc})",
+                                  "pass a torchvision state_dict file") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if len(missing) > 0 or len(unexpected) > 0:
+            raise CheckpointError(
+                f"{path}: does not match {arch} (missing {len(missing)}, unexpected {len(unexpected)} keys)",
+                f"pass ImageNet weights made for torchvision's {arch}",
+            )
+        source = wf.source
     _replace_head(model, arch, num_classes, dropout)
     return model, source
 

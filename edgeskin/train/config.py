@@ -88,8 +88,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"size": 64, "epochs": 1, "steps_per_epoch": 4, "batch_size": 8, "arch": "resnet18"},
     "quick": {"size": 112, "epochs": 3, "batch_size": 32},
     "reference": {"size": 112, "epochs": 15, "batch_size": 32},
-    "published": {"size": 224, "epochs": 30, "batch_size": 32},
+    "published": {"size": 224, "epochs": 30, "batch_size": 32, "pretrained": "imagenet"},
 }
+
+#: presets whose method is ImageNet transfer learning: ``--pretrained auto`` falling back to random
+#: initialisation is warned about loudly there
+TRANSFER_PRESETS = frozenset({"published"})
 
 
 def preset_settings(preset: str, **overrides: Any) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from ..models.ensemble import Ensemble, inference_fn, predict_probs
 from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 from .config import TrainConfig
-from .loop import bf16_supported, dist_info, fit, init_distributed_from_env, _barrier
+from ..models.compute import CPU, Compute, resolve_compute
+from .loop import dist_info, fit, _barrier
 from .losses import class_weights, distillation_kl, make_loss
 
 INITS = ("auto", "imagenet", "member", "scratch")
@@ -101,16 +102,24 @@ def distillation_loss(
 
 
 class Teacher:
-    """The frozen ensemble (mean of its members' softmax). It never receives gradients."""
+    """The frozen ensemble (mean of its members' softmax). It never receives gradients.
 
-    def __init__(self, members: Sequence[Checkpoint], *, bf16: bool = False) -> None:
+    It runs on ``compute``'s device in fp32, the precision ``evaluate`` and ``bench`` use for the
+    reference ensemble (on CUDA: cuDNN's TF32 convolutions, PyTorch's default), so the teacher a
+    student learns from is the ensemble the student is measured against."""
+
+    def __init__(self, members: Sequence[Checkpoint], *, compute: Compute = CPU) -> None:
         if not members:
             raise CheckpointError("the teacher has no members", "pass an ensemble folder")
         self.members = list(members)
-        self.model = Ensemble([m.model for m in members]).eval()
+        self.compute = compute
+        self.model = Ensemble([m.model for m in members]).eval().to(compute.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.bf16 = bf16
+
+    @property
+    def precision(self) -> str:
+        return self.compute.inference_precision
 
     @property
     def hashes(self) -> list[dict[str, str]]:
@@ -122,10 +131,10 @@ class Teacher:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher probabilities (N, C) for a batch; no graph is recorded."""
+        """Teacher probabilities (N, C) for a batch, on the batch's device; no graph is recorded."""
         self.model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float()
+        with torch.no_grad():
+            return self.model(x.to(self.compute.device).float()).float().to(x.device)
 
 
 def teacher_cache_key(teacher: Teacher, arrays: Sequence[np.ndarray], pre: PreprocessConfig) -> str:
@@ -134,7 +143,7 @@ def teacher_cache_key(teacher: Teacher, arrays: Sequence[np.ndarray], pre: Prepr
     h = hashlib.sha256()
     h.update(teacher.digest.encode())
     h.update(json.dumps(pre.to_dict(), sort_keys=True).encode())
-    h.update(b"bf16" if teacher.bf16 else b"fp32")
+    h.update(teacher.precision.encode())
     for a in arrays:
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
@@ -174,7 +183,7 @@ def cached_teacher_probs(
     out = []
     for s in range(0, len(arrays), batch_size):
         x = torch.from_numpy(eval_tensors(list(arrays[s : s + batch_size]), pre))
-        out.append(teacher.probs(x).numpy())
+        out.append(teacher.probs(x).cpu().numpy())
         reporter.advance(len(x))
     reporter.stop()
     probs = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
@@ -188,7 +197,7 @@ def cached_teacher_probs(
 # ---------------------------------------------------------------- the student
 
 def _best_member(members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.ndarray, labels: LabelSet,
-                 name: str | None, batch_size: int) -> tuple[Checkpoint, dict[str, float]]:
+                 name: str | None, batch_size: int, device: Any = None) -> tuple[Checkpoint, dict[str, float]]:
     if name is not None:
         chosen = [m for m in members if m.name == name]
         if not chosen:
@@ -197,29 +206,33 @@ def _best_member(members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.nda
         return chosen[0], {}
     scores = {}
     for m in members:
-        p = predict_probs(m.model, val_x, batch_size=batch_size)
+        p = predict_probs(m.model, val_x, batch_size=batch_size, device=device)
         scores[m.name] = float(classification_report(p, val_y, labels.codes)["balanced_accuracy"])
     best = max(members, key=lambda m: scores[m.name])
     return best, scores
 
 
 def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.ndarray,
-                 labels: LabelSet) -> tuple[nn.Module, str, str]:
-    """Build the student. Returns (model, initialisation record, how it was chosen (a sentence))."""
+                 labels: LabelSet, device: Any = None) -> tuple[nn.Module, str, str, str | None]:
+    """Build the student. Returns (model, initialisation record, how it was chosen (a sentence),
+    the sha256 of the initial weights file or None)."""
+    from ..models.weights import resolve_pretrained
+
     t = cfg.train
     arch_spec(t.arch)
     same_arch = [m for m in members if m.config["arch"] == t.arch]
     if cfg.init in ("auto", "imagenet"):
-        source = None  # --pretrained none: never ImageNet
+        weights = None  # --pretrained none: never ImageNet
         if t.pretrained not in (None, "none"):
-            model, source = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=t.pretrained)
-        if source is not None:
-            return model, source, f"starting from ImageNet weights ({source})"
+            pretrained = "imagenet" if cfg.init == "imagenet" and t.pretrained == "auto" else t.pretrained
+            weights = resolve_pretrained(t.arch, pretrained, progress=True)
+        if weights is not None:
+            model, source = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=weights)
+            return model, str(source), f"starting from ImageNet weights ({source})", weights.sha256
         if cfg.init == "imagenet":
             raise ConfigError(
                 f"no ImageNet weights for {t.arch} found (torchvision's cache or --pretrained FILE)",
-                "put the torchvision weights file in the cache, pass --pretrained FILE, "
-                "or choose --init member / --init scratch",
+                "pass --pretrained imagenet (downloads them) or FILE, or choose --init member / --init scratch",
             )
     if cfg.init == "member" or (cfg.init == "auto" and same_arch):
         if not same_arch:
@@ -228,16 +241,17 @@ def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.nd
                 f"the teacher's are {sorted({m.config['arch'] for m in members})}",
                 "use --student resnet50 or --init scratch",
             )
-        member, scores = _best_member(same_arch, val_x, val_y, labels, cfg.member, t.eval_batch_size)
+        member, scores = _best_member(same_arch, val_x, val_y, labels, cfg.member, t.eval_batch_size, device)
         model, _ = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=None)
-        model.load_state_dict(copy.deepcopy(member.model.state_dict()))
+        model.load_state_dict(copy.deepcopy({k: v.cpu() for k, v in member.model.state_dict().items()}))
         why = (f" (best validation balanced accuracy, {100 * scores[member.name]:.1f}%)" if scores else "")
         prefix = "no ImageNet weights found; " if cfg.init == "auto" else ""
-        return model, f"member:{member.name}:{member.sha256}", f"{prefix}starting from teacher {member.name}{why}"
+        return (model, f"member:{member.name}:{member.sha256}", f"{prefix}starting from teacher {member.name}{why}",
+                member.sha256)
     torch.manual_seed(t.seed)
     model, _ = build_model(t.arch, labels.num_classes, dropout=t.dropout, pretrained=None)
     prefix = "no ImageNet weights found; " if cfg.init == "auto" else ""
-    return model, "random", f"{prefix}starting {t.arch} from random initialisation"
+    return model, "random", f"{prefix}starting {t.arch} from random initialisation", None
 
 
 # ---------------------------------------------------------------- report
@@ -331,16 +345,18 @@ def distill(
     latency_threads: int | None = None,
     reporter: Reporter | None = None,
     skip_bad: bool = False,
+    compute: Compute | None = None,
 ) -> DistillResult:
     """Distil the ensemble at ``teacher_path`` into one student written to ``out_dir/student``.
 
     The student uses the teacher's preprocessing (the teacher must see the student's views).
     Re-running resumes an interrupted run or skips a finished one. After training, the student
     and the teacher are compared on ``report_split`` (``None``: no report) and the report is
-    written to ``out_dir/report.json`` and into the student's checkpoint.
+    written to ``out_dir/report.json`` and into the student's checkpoint. ``compute``: where the
+    teacher (fp32) and the student (mixed precision) run; default: the CPU.
     """
     reporter = reporter or NullReporter()
-    init_distributed_from_env()
+    compute = compute or resolve_compute("cpu", bf16=cfg.train.bf16)
     rank, _ = dist_info()
     members = load_ensemble(Path(teacher_path))
     labels, pre = members[0].labels, members[0].preprocess
@@ -349,8 +365,7 @@ def distill(
         raise ConfigError(
             f"{teacher_path}: the teacher's preprocessing ({pre.to_dict()}) is not one a student can be "
             "trained with here", "train the teacher with edgeskin's default normalisation")
-    use_bf16 = t.bf16 == "on" or (t.bf16 == "auto" and bf16_supported())
-    teacher = Teacher(members, bf16=use_bf16)
+    teacher = Teacher(members, compute=compute)
     out = Path(out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,7 +379,8 @@ def distill(
         reporter.message(f"skipped {item.where}: {item.reason}")
     train_y = labels_of(train_set, labels)
 
-    model, initialisation, how = init_student(cfg.with_train(t), members, val_x, val_y, labels)
+    model, initialisation, how, init_sha = init_student(cfg.with_train(t), members, val_x, val_y, labels,
+                                                        compute.device)
     reporter.message(f"student {t.arch}: {how}")
     if initialisation.startswith("member:"):
         # an already trained network: no frozen warm-up, every stage learns
@@ -386,11 +402,12 @@ def distill(
 
     counts = np.bincount(train_y, minlength=labels.num_classes)
     weights = class_weights(counts) if t.loss in ("wce", "focal") else None
-    hard = make_loss(t.loss, weights, gamma=t.focal_gamma)
+    hard = make_loss(t.loss, weights, gamma=t.focal_gamma).to(compute.device)
+    cache_probs = None if cache is None else torch.from_numpy(cache.probs).to(compute.device)
 
     def criterion(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if cache is not None:
-            tp = torch.from_numpy(cache.probs[idx.numpy()])
+            tp = cache_probs[idx.to(cache_probs.device)]
         else:
             tp = teacher.probs(x)
         return distillation_loss(logits, tp, y, hard, temperature=run_cfg.temperature, alpha=run_cfg.alpha)
@@ -405,6 +422,7 @@ def distill(
         "class_weights": None if weights is None else dict(zip(labels.codes, map(float, weights))),
         "temperature": run_cfg.temperature, "alpha": run_cfg.alpha, "init": run_cfg.init,
         "teacher_view": "cached evaluation view" if cache is not None else "online, the student's augmented view",
+        "teacher_precision": teacher.precision,
         "teacher": teacher_record, "train_images": int(len(train_y)), "val_images": int(len(val_y)),
         "train_class_counts": dict(zip(labels.codes, map(int, counts))),
     }
@@ -414,7 +432,7 @@ def distill(
               val_targets=val_y, criterion=criterion, out=out / STUDENT_NAME,
               pretrained_source=None if initialisation == "random" else initialisation,
               recipe=recipe, reporter=reporter, extra={"teacher": teacher_record},
-              digest=run_cfg.digest(teacher.digest))
+              digest=run_cfg.digest(teacher.digest), compute=compute, pretrained_sha256=init_sha)
 
     report = None
     report_path = out / "report.json"
@@ -424,7 +442,7 @@ def distill(
         else:
             report = _final_report(teacher, res.checkpoint, dataset, split, report_split, labels, pre,
                                    t.eval_batch_size, latency_runs, reporter, skip_bad, initialisation, run_cfg,
-                                   latency_threads)
+                                   latency_threads, compute)
             write_json(report_path, report)
             meta = json.loads(res.checkpoint.read_text())
             meta.setdefault("metrics", {})[report_split] = report["student"]
@@ -439,18 +457,21 @@ def distill(
 def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: Split, split_name: str,
                   labels: LabelSet, pre: PreprocessConfig, batch_size: int, latency_runs: int,
                   reporter: Reporter, skip_bad: bool, initialisation: str, cfg: DistillConfig,
-                  latency_threads: int | None) -> dict[str, Any]:
+                  latency_threads: int | None, compute: Compute = CPU) -> dict[str, Any]:
     from ..models.checkpoint import load_checkpoint
 
     student = load_checkpoint(checkpoint)  # the best epoch, as written and hash-checked
     _, x, y = load_eval_set(split.apply(dataset, split_name), pre, labels, what=split_name, reporter=reporter,
                             skip_bad=skip_bad)
     reporter.start(f"teacher on the {split_name} split", len(x))
-    tp = predict_probs(teacher.model, x, batch_size=batch_size, outputs="probs", progress=reporter.advance)
+    tp = predict_probs(teacher.model, x, batch_size=batch_size, outputs="probs", progress=reporter.advance,
+                       device=compute.device)
     reporter.stop()
     reporter.start(f"student on the {split_name} split", len(x))
-    sp = predict_probs(student.model, x, batch_size=batch_size, progress=reporter.advance)
+    sp = predict_probs(student.model, x, batch_size=batch_size, progress=reporter.advance, device=compute.device)
     reporter.stop()
+    teacher.model.cpu()  # latency is a host measurement
+    student.model.cpu()
     report = compare_report(tp, sp, y, labels, split_name)
     report.update({"student_arch": cfg.train.arch, "student_sha256": student.sha256,
                    "initialisation": initialisation, "teacher_members": teacher.hashes,

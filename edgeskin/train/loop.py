@@ -1,8 +1,11 @@
 """The one training loop (used by ``train`` and, later, ``distill``).
 
-AdamW, per-step linear warm-up then cosine decay, bf16 autocast on CPUs that support it,
-early stopping on validation balanced accuracy, a resumable state written atomically after
-every epoch, and DistributedDataParallel when launched under ``torchrun``.
+AdamW, per-step linear warm-up then cosine decay, mixed precision on the device that
+:func:`edgeskin.models.compute.resolve_compute` chose (bf16 autocast, or fp16 with a gradient
+scaler on GPUs without bf16), ``channels_last``, early stopping on validation balanced accuracy, a
+resumable state written atomically after every epoch, and DistributedDataParallel when launched
+under ``torchrun``. Batches come ready from :mod:`edgeskin.train.batches` (augmented on the GPU
+when training on one).
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..augment import augment
-from ..data import Dataset, Split, decode_with_progress, eval_tensors, labels_of, load_eval_set
-from ..errors import CheckpointError, ConfigError
+from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
+from ..errors import CheckpointError, ConfigError, EdgeskinError
 from ..labels import LabelSet, get_label_set
 from ..metrics import classification_report
 from ..preprocess import PreprocessConfig
@@ -30,7 +32,9 @@ from ..progress import NullReporter, Reporter
 from ..models.arch import build_model, frozen_bn_to_eval, set_trainable, arch_spec
 from ..fileio import write_json
 from ..models.checkpoint import atomic_torch_save, save_checkpoint
+from ..models.compute import Compute, cpu_has_bf16, is_out_of_memory, out_of_memory, resolve_compute
 from ..models.ensemble import predict_probs
+from .batches import epoch_indices, make_batches
 from .config import TrainConfig
 from .losses import class_weights, make_loss
 
@@ -49,14 +53,10 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env() -> bool:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1). CPU: gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or torch.distributed.is_initialized():
-        return torch.distributed.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    return True
+def default_compute(cfg: TrainConfig) -> Compute:
+    """The CPU (joining a process group the caller started, if any): what ``fit`` uses when it is
+    given no :class:`Compute`."""
+    return resolve_compute("cpu", bf16=cfg.bf16, init_distributed=False)
 
 
 def _barrier() -> None:
@@ -64,25 +64,20 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def bf16_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+bf16_supported = cpu_has_bf16
 
 
-# ---------------------------------------------------------------- data helpers
+def _wrap_ddp(model: nn.Module, compute: Compute) -> nn.Module:
+    """DistributedDataParallel over the parameters that train *now*.
 
-def _batch(arrays: Sequence[np.ndarray], idx: np.ndarray, pre: PreprocessConfig, cfg: TrainConfig,
-           epoch: int) -> np.ndarray:
-    if cfg.augment is None:
-        return eval_tensors([arrays[int(i)] for i in idx], pre)
-    out = []
-    for i in idx:
-        rng = np.random.default_rng([cfg.seed, epoch, int(i)])
-        out.append(augment(arrays[int(i)], pre, cfg.augment, rng))
-    return np.stack(out)
+    DDP registers its all-reduce hooks for the parameters that require gradients when it is
+    built, so it is rebuilt whenever the set of trainable parameters changes (the end of a frozen
+    warm-up); otherwise stages unfrozen later would never be synchronised and the ranks would drift
+    apart. Every parameter that trains takes part in every forward pass of these networks, so
+    ``find_unused_parameters`` stays off.
+    """
+    ids = [compute.device.index] if compute.is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
 # ---------------------------------------------------------------- the loop
@@ -124,6 +119,8 @@ def fit(
     reporter: Reporter | None = None,
     extra: dict[str, Any] | None = None,
     digest: str | None = None,
+    compute: Compute | None = None,
+    pretrained_sha256: str | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the checkpoint with the best validation balanced accuracy.
 
@@ -131,9 +128,11 @@ def fit(
     state goes to ``member0.state.pt``. A finished checkpoint is not trained again; an
     unfinished one resumes from its last completed epoch. ``digest`` identifies the settings
     (default: ``cfg.digest()``; distillation adds its own); a folder holding another digest
-    is refused rather than mixed.
+    is refused rather than mixed. ``compute`` says where and in which precision to train (default:
+    the CPU); a resume state written in another precision is refused rather than mixed.
     """
     reporter = reporter or NullReporter()
+    compute = compute or default_compute(cfg)
     rank, world = dist_info()
     pre = cfg.preprocess
     meta, state_path = out.with_suffix(".json"), out.with_suffix(".state.pt")
@@ -152,7 +151,6 @@ def fit(
                              float(done["recipe"].get("best_val_balanced_accuracy", float('nan'))),
                              done["recipe"].get("history", []), None, True)
 
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported())
     pretrained = pretrained_source is not None
     freeze_epochs = cfg.freeze_epochs if cfg.freeze_epochs is not None else (2 if pretrained else 0)
     if cfg.finetune_stages == "auto":
@@ -171,16 +169,16 @@ def fit(
         steps = min(steps, cfg.steps_per_epoch)
     total_steps = steps * cfg.epochs
 
-    if cfg.channels_last and cfg.arch.startswith("resnet"):
+    channels_last = cfg.channels_last and cfg.arch.startswith("resnet")
+    model = model.to(compute.device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     set_trainable(model, cfg.arch, 0 if freeze_epochs > 0 else stages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, int(round(cfg.warmup_epochs * steps)))
     )
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    scaler = compute.grad_scaler()
 
     start_epoch, best_score, best_epoch, bad_epochs = 0, -1.0, -1, 0
     history: list[dict[str, Any]] = []
@@ -196,14 +194,32 @@ def fit(
                 f"{state_path}: an unfinished run with different settings is in this folder",
                 "use another --out folder, or delete the folder to start again",
             )
+        was = state.get("precision", "bf16" if cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_has_bf16())
+                        else "fp32")
+        if was != compute.precision:
+            raise CheckpointError(
+                f"{state_path}: this run was started in {was} and would resume in {compute.precision} "
+                f"({compute.describe()})",
+                f"resume on a device with {was} (--bf16 / --device as before), or delete the folder to start again",
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
         resumed_from = start_epoch
         reporter.message(f"{out.name}: resuming after epoch {start_epoch} of {cfg.epochs}")
+
+    if start_epoch >= freeze_epochs:  # resumed after the warm-up: the stages it unfroze train again
+        set_trainable(model, cfg.arch, stages)
+    train_model: nn.Module = _wrap_ddp(model, compute) if world > 1 else model
+    batches = make_batches(train_arrays, pre, cfg.augment, cfg.seed, compute, channels_last=channels_last)
+    if start_epoch < cfg.epochs:
+        reporter.message(f"{out.name}: training on {compute.describe()}; batches made on {batches.where}")
+    targets_dev = torch.from_numpy(np.asarray(train_targets)).to(compute.device)
 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= (cfg.patience or 10**9):
@@ -211,35 +227,43 @@ def fit(
         t0 = time.perf_counter()
         if epoch == freeze_epochs and freeze_epochs > 0:
             trainable = set_trainable(model, cfg.arch, stages)
+            if world > 1:
+                train_model = _wrap_ddp(model, compute)  # the newly trainable stages join the all-reduce
             reporter.message(f"{out.name}: backbone unfrozen, training {', '.join(trainable)}")
         train_model.train()
         frozen_bn_to_eval(model)
-        perm = np.random.default_rng([cfg.seed, epoch, 7919]).permutation(n)[: per_rank * world]
-        mine = perm[rank::world]
+        mine = epoch_indices(n, cfg.seed, epoch, rank, world)
         reporter.start(f"{out.name} epoch {epoch + 1}/{cfg.epochs}", steps)
-        running, seen = 0.0, 0
-        for step in range(steps):
-            idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            if len(idx) == 0:
-                break
-            x = torch.from_numpy(_batch(train_arrays, idx, pre, cfg, epoch))
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(train_targets[idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                logits = train_model(x)
-            loss = criterion(logits.float(), x, y, torch.from_numpy(idx))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.item() * len(idx)
-            seen += len(idx)
-            reporter.advance(1)
-        reporter.stop()
-        score, val_report = _validate(model, val_inputs, val_targets, labels, cfg)
+        running = torch.zeros((), device=compute.device)
+        seen = 0
+        try:
+            for step in range(steps):
+                idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                if len(idx) == 0:
+                    break
+                x = batches.batch(idx, epoch)
+                ii = torch.from_numpy(idx)
+                y = targets_dev[ii.to(compute.device)]
+                with compute.autocast():
+                    logits = train_model(x)
+                loss = criterion(logits.float(), x, y, ii)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                running += loss.detach() * len(idx)  # no host sync per step
+                seen += len(idx)
+                reporter.advance(1)
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):
+                raise out_of_memory(exc, compute, cfg.batch_size) from None
+            raise
+        finally:
+            reporter.stop()
+        score, val_report = _validate(model, val_inputs, val_targets, labels, cfg, compute)
         improved = score > best_score
-        row = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_balanced_accuracy": score,
+        row = {"epoch": epoch + 1, "train_loss": float(running) / max(seen, 1), "val_balanced_accuracy": score,
                "val_top1": val_report["top1"], "seconds": round(time.perf_counter() - t0, 1),
                "lr": scheduler.get_last_lr()[0]}
         history.append(row)
@@ -254,7 +278,7 @@ def fit(
         )
         if rank == 0:
             rec = _recipe(recipe, cfg, digest, pretrained_source, freeze_epochs, stages, world,
-                          best_epoch, best_score, history)
+                          best_epoch, best_score, history, compute, pretrained_sha256)
             if improved:
                 save_checkpoint(model, out, arch=cfg.arch, labels=labels, preprocess=pre,
                                 dropout=cfg.dropout, recipe=rec, metrics={"val": val_report},
@@ -263,7 +287,7 @@ def fit(
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best_score": best_score,
                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
-                "config_digest": digest,
+                "config_digest": digest, "precision": compute.precision, "scaler": scaler.state_dict(),
             }, state_path)
         _barrier()
 
@@ -271,7 +295,7 @@ def fit(
         done = json.loads(meta.read_text())
         done["complete"] = True
         done["recipe"] = _recipe(recipe, cfg, digest, pretrained_source, freeze_epochs, stages, world,
-                                 best_epoch, best_score, history)
+                                 best_epoch, best_score, history, compute, pretrained_sha256)
         write_json(meta, done)
         state_path.unlink(missing_ok=True)
     _barrier()
@@ -280,12 +304,14 @@ def fit(
 
 def _recipe(base: dict[str, Any], cfg: TrainConfig, digest: str, pretrained_source: str | None,
             freeze_epochs: int, stages: int | None, world: int, best_epoch: int, best_score: float,
-            history: list[dict[str, Any]]) -> dict[str, Any]:
+            history: list[dict[str, Any]], compute: Compute, pretrained_sha256: str | None) -> dict[str, Any]:
     return {
         **base,
         "config": cfg.to_dict(),
         "config_digest": digest,
+        "compute": compute.record(),
         "initialisation": pretrained_source or "random",
+        "initial_weights_sha256": pretrained_sha256,
         "freeze_epochs": freeze_epochs,
         "finetune_stages": "all" if stages is None else stages,
         "world_size": world,
@@ -296,11 +322,12 @@ def _recipe(base: dict[str, Any], cfg: TrainConfig, digest: str, pretrained_sour
 
 
 def _validate(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, labels: LabelSet,
-              cfg: TrainConfig) -> tuple[float, dict[str, Any]]:
-    """Validation metrics; under DDP each process scores its share and the shares are gathered."""
+              cfg: TrainConfig, compute: Compute) -> tuple[float, dict[str, Any]]:
+    """Validation metrics (fp32 on the training device); under DDP each process scores its share
+    and the shares are gathered."""
     rank, world = dist_info()
     idx = np.arange(len(inputs))[rank::world]
-    probs = predict_probs(model, inputs[idx], batch_size=cfg.eval_batch_size) if len(idx) else \
+    probs = predict_probs(model, inputs[idx], batch_size=cfg.eval_batch_size, device=compute.device) if len(idx) else \
         np.zeros((0, labels.num_classes))
     if world > 1:
         parts: list[Any] = [None] * world
@@ -325,9 +352,13 @@ def train_member(
     reporter: Reporter | None = None,
     skip_bad: bool = False,
     recipe: dict[str, Any] | None = None,
+    compute: Compute | None = None,
     _decoded: tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> FitResult:
-    """Train one member on ``train_set``, early-stopping on ``val_set``."""
+    """Train one member on ``train_set``, early-stopping on ``val_set``, on ``compute``'s device
+    (default: the CPU)."""
+    from ..models.weights import resolve_pretrained
+
     reporter = reporter or NullReporter()
     labels = get_label_set(cfg.labels)
     pre = cfg.preprocess
@@ -340,11 +371,13 @@ def train_member(
     else:
         train_arrays, train_y, val_x, val_y = _decoded
     torch.manual_seed(cfg.seed)
-    model, source = build_model(cfg.arch, labels.num_classes, dropout=cfg.dropout, pretrained=cfg.pretrained)
+    init_weights = resolve_pretrained(cfg.arch, cfg.pretrained, progress=True)
+    model, source = build_model(cfg.arch, labels.num_classes, dropout=cfg.dropout, pretrained=init_weights)
     if source is None:
-        reporter.message(f"{out.name}: no ImageNet weights found; starting from random initialisation")
+        reporter.message(f"{out.name}: " + ("no ImageNet weights found; " if cfg.pretrained == "auto" else "")
+                         + "starting from random initialisation")
     else:
-        reporter.message(f"{out.name}: starting from ImageNet weights ({source})")
+        reporter.message(f"{out.name}: starting from {source} (sha256 {init_weights.sha256[:12]}...)")
     counts = np.bincount(train_y, minlength=labels.num_classes)
     weights = class_weights(counts) if cfg.loss in ("wce", "focal") else None
     loss_fn = make_loss(cfg.loss, weights, gamma=cfg.focal_gamma)
@@ -363,7 +396,8 @@ def train_member(
     })
     return fit(model, cfg=cfg, labels=labels, train_arrays=train_arrays, train_targets=train_y,
                val_inputs=val_x, val_targets=val_y, criterion=criterion, out=out,
-               pretrained_source=source, recipe=base, reporter=reporter)
+               pretrained_source=source, recipe=base, reporter=reporter, compute=compute,
+               pretrained_sha256=None if init_weights is None else init_weights.sha256)
 
 
 def default_losses(n: int) -> list[str]:
@@ -382,11 +416,14 @@ def train_ensemble(
     losses: Sequence[str] | None = None,
     reporter: Reporter | None = None,
     skip_bad: bool = False,
+    compute: Compute | None = None,
 ) -> list[FitResult]:
     """Train ``members`` members (different seeds; losses alternate wce/focal by default) into
-    ``out_dir`` (``member0.pt``/``.json``, ...). Re-running resumes or skips finished members."""
+    ``out_dir`` (``member0.pt``/``.json``, ...) on ``compute`` (default: resolved from
+    ``cfg.bf16`` on the CPU, joining ``torchrun``'s process group). Re-running resumes or skips
+    finished members."""
     reporter = reporter or NullReporter()
-    init_distributed_from_env()
+    compute = compute or resolve_compute("cpu", bf16=cfg.bf16)
     rank, _ = dist_info()
     arch_spec(cfg.arch)
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(members)]
@@ -414,5 +451,5 @@ def train_ensemble(
         member_cfg = cfg.with_(seed=seeds[i], loss=losses[i])
         results.append(train_member(member_cfg, train_set=train_set, val_set=val_set,
                                     out=out / f"member{i}", reporter=reporter, recipe=recipe,
-                                    _decoded=decoded))
+                                    compute=compute, _decoded=decoded))
     return results
