@@ -14,6 +14,30 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marked tests skip by themselves, with a reason, where their hardware is missing:
+    ``gpu`` without CUDA, ``hardware`` unless $EDGESKIN_TEST_HARDWARE=1 says this is the device."""
+    gpu = None
+    hardware = os.environ.get("EDGESKIN_TEST_HARDWARE") == "1"
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            gpu = _cuda_available() if gpu is None else gpu
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with a CUDA build of torch "
+                                                        "(torch.cuda.is_available() is False here)"))
+        if item.get_closest_marker("hardware") is not None and not hardware:
+            item.add_marker(pytest.mark.skip(reason="needs the device itself (a Jetson with TensorRT); "
+                                                    "run there with EDGESKIN_TEST_HARDWARE=1"))
+
+
 def _first_existing(env: str, default: Path) -> Path | None:
     value = os.environ.get(env)
     path = Path(value) if value else default
