@@ -50,7 +50,8 @@ def model_provenance(name: str, arch: str, sha256: str, config: dict[str, Any], 
         "model": {"name": name, "arch": arch, "sha256": sha256},
         "teacher": config.get("teacher") or recipe.get("teacher"),
         "recipe": {k: recipe.get(k) for k in ("kind", "loss", "temperature", "alpha", "config_digest", "initialisation",
-                                              "best_epoch", "best_val_balanced_accuracy", "split_sha256") if k in recipe},
+                                              "initial_weights_sha256", "compute", "best_epoch",
+                                              "best_val_balanced_accuracy", "split_sha256") if k in recipe},
         "split_sha256": split.sha256(),
     }
 
