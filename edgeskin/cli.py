@@ -644,7 +644,11 @@ def bench(
 
 @bundle_app.command("verify")
 def bundle_verify(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")) -> None:
-    """Check a bundle: schema version, manifest, and the sha256 of every file."""
+    """Check a bundle: schema version, manifest, and the sha256 of every file; for a jetson
+    bundle also TensorRT's graph rules where onnx is installed (the host), and polygraphy lint
+    where polygraphy is. On the device (runtime only) it says which checks it skipped."""
+    import shutil
+
     from .bundle import BundleReader
 
     r = BundleReader(bundle)
@@ -652,21 +656,32 @@ def bundle_verify(bundle: Path = typer.Argument(..., help="Bundle folder or zip.
     m = r.manifest
     out.print(f"[green]ok[/green] {bundle}: schema {m.schema_version}, target {m.target}/{m.precision}, "
               f"{len(names)} files verified ({', '.join(names)})")
-    if m.engine.get("name") == "tensorrt":
+    if m.engine.get("name") != "tensorrt":
+        return
+    compiled = ((m.provenance.get("artefact_checks") or {}).get("tensorrt_form") or {})
+    try:
         import onnx
+    except ImportError:
+        out.print("TensorRT form: [yellow]not checked here[/yellow] (onnx is not installed: the device needs only "
+                  "the runtime); hashes and manifest checked above"
+                  + ("; at compile time it " + ("passed" if compiled.get("passed") else "FAILED")
+                     if compiled else "") + ". Check the graph on the host with `pip install 'edgeskin[jetson]'`.")
+        return
+    from .quantize.tensorrt import validate_tensorrt_onnx
 
-        from .quantize.tensorrt import validate_tensorrt_onnx
-
-        report = validate_tensorrt_onnx(onnx.load_from_string(r.read(m.model_file)),
-                                        max_opset=int(m.engine.get("opset", 17)))
-        t = Table(title=f"TensorRT form (TensorRT {m.engine.get('tensorrt')}, opset ≤ {m.engine.get('opset')})")
-        for col in ("rule", "result", "detail"):
-            t.add_column(col)
-        for res in report.results:
-            t.add_row(res.rule, "[green]pass[/green]" if res.passed else "[red]FAIL[/red]",
-                      res.detail + (f" ({', '.join(res.nodes[:5])})" if res.nodes else ""))
-        out.print(t)
-        report.raise_if_failed(f"{bundle}/{m.model_file}")
+    lint = shutil.which("polygraphy") is not None or (Path(sys.executable).parent / "polygraphy").exists()
+    report = validate_tensorrt_onnx(onnx.load_from_string(r.read(m.model_file)),
+                                    max_opset=int(m.engine.get("opset", 17)), lint=lint)
+    t = Table(title=f"TensorRT form (TensorRT {m.engine.get('tensorrt')}, opset ≤ {m.engine.get('opset')})")
+    for col in ("rule", "result", "detail"):
+        t.add_column(col)
+    for res in report.results:
+        t.add_row(res.rule, "[green]pass[/green]" if res.passed else "[red]FAIL[/red]",
+                  res.detail + (f" ({', '.join(res.nodes[:5])})" if res.nodes else ""))
+    if not lint:
+        t.add_row("polygraphy lint", "[yellow]skipped[/yellow]", "polygraphy is not installed here")
+    out.print(t)
+    report.raise_if_failed(f"{bundle}/{m.model_file}")
 
 
 @bundle_app.command("pack")
@@ -725,22 +740,29 @@ app.add_typer(data_app, name="data")
 @engine_app.command("build")
 def engine_build(
     bundle: Path = typer.Argument(..., help="A jetson bundle folder."),
-    precision: Optional[str] = typer.Option(None, help="int8 | fp16 (default: the bundle's)."),
-    dla: Optional[int] = typer.Option(None, "--dla", help="DLA core to build for (with GPU fallback)."),
+    precision: Optional[str] = typer.Option(None, help="fp16 | fp32 for a float bundle on TensorRT < 10.12 (default: the bundle's)."),
+    dla: Optional[int] = typer.Option(None, "--dla", help="DLA core to build for (static batch, GPU fallback); only where the device profile has a DLA."),
     workspace_mb: Optional[int] = typer.Option(None, help="Builder workspace (default: the device profile's)."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default: ~/.cache/edgeskin/tensorrt/)."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if an engine for this TensorRT and GPU exists."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if an engine for this TensorRT and device exists."),
 ) -> None:
     """Build the TensorRT engine on this Jetson, self-test it against the bundle's golden
-    outputs, and add it to the bundle (TensorRT version, GPU name and sha256 in the manifest)."""
+    outputs, and add it to the bundle (TensorRT version and device identity in the manifest)."""
     from .runtime.tensorrt import build_engine
 
     rec = build_engine(bundle, precision=precision, dla=dla, workspace_mb=workspace_mb,
                        timing_cache=timing_cache, rebuild=rebuild)
     st = rec.get("selftest", {})
-    out.print(f"[green]engine ready[/green]: {rec['file']} (TensorRT {rec['tensorrt']}, {rec['gpu']}, "
-              f"{rec['bytes'] / 1e6:.1f} MB, built in {rec['build_seconds']} s"
+    dev = rec.get("device") or {}
+    tc = rec.get("timing_cache") or {}
+    out.print(f"[green]engine ready[/green]: {rec['file']} (TensorRT {rec['tensorrt']}, "
+              f"{dev.get('board') or rec.get('gpu')}, {rec.get('typing', 'weak')} typing, "
+              f"batch {rec['batch']['min']}-{rec['batch']['max']}, {rec['bytes'] / 1e6:.1f} MB, "
+              f"built in {rec['build_seconds']} s"
               + (f"; golden max |Δp| {st['max_abs_diff']:.2e} ≤ {st['tolerance']:g}" if st else "") + ")")
+    if tc.get("rejected"):
+        err.print(f"[yellow]timing cache[/yellow] {tc.get('path')} came from another TensorRT or device; "
+                  "a fresh one was saved in its place")
 
 
 @app.command()
@@ -748,16 +770,17 @@ def selftest(
     bundle: Path = typer.Argument(..., help="Bundle folder or zip."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
+    dla: Optional[int] = typer.Option(None, "--dla", help="Jetson bundles: run the engine built for this DLA core."),
 ) -> None:
     """Re-run the bundle's golden inputs on this machine and compare with the compile-time outputs."""
     from .runtime import load, selftest as run_selftest
 
-    pred = load(bundle, threads=threads, engine=engine)
+    pred = load(bundle, threads=threads, engine=engine, dla_core=dla)
     if pred.host_proxy:
         err.print("[yellow]host proxy[/yellow]: TensorRT is not installed here; the graph runs in ONNX Runtime")
     r = run_selftest(pred)
     msg = (f"{r.n} golden inputs, max |Δp| {r.max_abs_diff:.2e} (tolerance {r.tolerance:.0e}), "
-           f"top-1 agreement {100 * r.top1_agreement:.0f}%")
+           f"top-1 agreement {100 * r.top1_agreement:.0f}%, engine {pred.backend.name} {pred.backend.version}")
     if not r.passed:
         raise EdgeskinError(f"selftest FAILED: {msg}; worst input #{r.worst_index} ({r.worst_id})",
                             "the engine on this device computes differently from the compile machine; "
@@ -773,6 +796,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per image)."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
+    dla: Optional[int] = typer.Option(None, "--dla", help="Jetson bundles: run the engine built for this DLA core."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per engine call (1: results never depend on the batch; more: faster)."),
 ) -> None:
     """Top-k labels with probabilities for each image.
 
@@ -789,19 +814,41 @@ def predict(
             files.append(p)
     if not files:
         raise DataError("no images given", "pass image files or folders holding .jpg/.png images")
-    pred = load(bundle, threads=threads, engine=engine)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}", "pass 1 or more")
+    pred = load(bundle, threads=threads, engine=engine, dla_core=dla)
     if pred.host_proxy:
         err.print("[yellow]host proxy[/yellow]: TensorRT is not installed here; the jetson graph runs in ONNX Runtime "
                   "(close to TensorRT INT8 numerics, not its speed)")
     results: list[dict[str, Any]] = []
     failed = 0
+    tensors: list[Any] = []
+    pending: list[Path] = []
+
+    def flush() -> None:
+        if not tensors:
+            return
+        import numpy as np
+
+        for f, r in zip(pending, pred.predict(np.stack(tensors), top_k=top_k)):  # type: ignore[arg-type]
+            d = r.to_dict()
+            d["source"] = str(f)
+            results.append(d)
+        tensors.clear()
+        pending.clear()
+
     for f in files:
         try:
-            r = pred.predict(f, top_k=top_k)  # one image per run: results never depend on the batch
-            results.append(r.to_dict())  # type: ignore[union-attr]
+            tensors.append(pred.tensor(f))  # decode and preprocess: bad files fail here, one by one
+            pending.append(f)
         except EdgeskinError as exc:
             failed += 1
+            flush()
             results.append({"source": str(f), "error": exc.message, "hint": exc.hint})
+            continue
+        if len(tensors) >= batch_size:
+            flush()
+    flush()
     if as_json:
         out.print_json(json.dumps(results))
     else:

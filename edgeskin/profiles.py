@@ -24,14 +24,53 @@ BUILTIN = Path(__file__).resolve().parent / "devices"
 KINDS = ("jetson", "phone", "cpu")
 
 
+#: the TensorRT release from which edgeskin builds strongly typed networks (weak typing is
+#: deprecated from 10.12 and removed in 11.x)
+STRONG_TYPING_FROM = (10, 12)
+
+
+def _version_tuple(text: str) -> tuple:
+    out = []
+    for part in str(text).split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class JetPack:
+    """One JetPack release on one device: what its system ships and what edgeskin does there.
+
+    ``python`` is the system Python (TensorRT's bindings exist only for it), ``cuda`` the CUDA
+    release and ``cuda_python`` the pip requirement that matches it; ``dla`` whether edgeskin
+    may build for the DLA with this release; ``supported`` False (with ``note``) for a release
+    edgeskin refuses, such as JetPack 4.6 (Python 3.6, end of life)."""
+
     version: str
     tensorrt: str
     max_opset: int
+    cuda: str = ""
+    python: str = ""
+    cuda_python: str = ""
+    dla: bool = False
+    supported: bool = True
+    note: str = ""
+
+    @property
+    def typing(self) -> str:
+        """``strong`` where edgeskin builds strongly typed networks (TensorRT 10.12+), else ``weak``."""
+        return "strong" if _version_tuple(self.tensorrt)[:2] >= STRONG_TYPING_FROM else "weak"
+
+    @property
+    def float_tensors(self) -> str:
+        """The precision a reduced-precision graph stores its float tensors in for this release:
+        FP16 under strong typing (no FP16 flag then), FP32 under weak typing (the flag does it)."""
+        return "float16" if self.typing == "strong" else "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "tensorrt": self.tensorrt, "max_opset": self.max_opset}
+        return {"version": self.version, "tensorrt": self.tensorrt, "max_opset": self.max_opset,
+                "cuda": self.cuda, "python": self.python, "cuda_python": self.cuda_python, "dla": self.dla,
+                "typing": self.typing, "supported": self.supported, **({"note": self.note} if self.note else {})}
 
 
 @dataclass(frozen=True)
@@ -58,8 +97,13 @@ class DeviceProfile:
         if not self.jetpacks:
             raise ConfigError(f"device {self.name} is not a Jetson", "pass a jetson-* device")
         want = version or self.default_jetpack or self.jetpacks[-1].version
+        bare = want[2:] if want.lower().startswith("jp") else want
         for jp in self.jetpacks:
-            if jp.version == want or jp.version == want.removeprefix("jp"):
+            if jp.version in (want, bare):
+                if not jp.supported:
+                    raise ConfigError(f"JetPack {jp.version} on {self.name} is not supported: {jp.note}",
+                                      "flash JetPack " + ", ".join(j.version for j in self.jetpacks if j.supported)
+                                      + " (edgeskin's device side needs Python 3.8 or later)")
                 return jp
         raise ConfigError(f"device {self.name} does not run JetPack {want}",
                           f"choose one of: {', '.join(j.version for j in self.jetpacks)}")
@@ -95,7 +139,10 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
         kind = str(data.get("kind", "jetson"))
         if kind not in KINDS:
             raise ConfigError(f"{source}: kind {kind!r} is not one of {', '.join(KINDS)}")
-        jps = tuple(JetPack(str(j["version"]), str(j["tensorrt"]), int(j["max_opset"]))
+        jps = tuple(JetPack(str(j["version"]), str(j["tensorrt"]), int(j["max_opset"]), cuda=str(j.get("cuda", "")),
+                            python=str(j.get("python", "")), cuda_python=str(j.get("cuda_python", "")),
+                            dla=bool(j.get("dla", False)), supported=bool(j.get("supported", True)),
+                            note=str(j.get("note", "")))
                     for j in data.get("jetpack", []))
         if kind == "jetson" and not jps:
             raise ConfigError(f"{source}: a jetson profile needs at least one [[jetpack]] table",

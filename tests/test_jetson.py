@@ -152,8 +152,6 @@ def test_profiles_cover_the_jetson_modules_and_jetpacks():
         p = profiles[name]
         assert p.kind == "jetson" and p.target == "jetson" and "int8" in p.precisions
         assert p.jetpack().max_opset >= 13 and p.budget["top1"] > 0 and p.max_latency_ms
-    assert get_profile("xavier-nx").jetpack("4.6").tensorrt == "8.2"
-    assert get_profile("xavier-nx").jetpack("4.6").max_opset == 13
     assert get_profile("orin-nano").jetpack("5.1").tensorrt == "8.5"
     assert get_profile("agx-orin").dla_cores == 2 and get_profile("orin-nano").dla_cores == 0
     with pytest.raises(ConfigError, match="did you mean 'jetson-orin-nano'"):
@@ -216,7 +214,7 @@ def test_tiny_model_compiles_to_a_jetson_int8_bundle(jetson_int8):
     assert 0 <= m.accuracy["top1_agreement"] <= 1
 
 
-@pytest.mark.parametrize("device, jetpack, opset", [("xavier-nx", "4.6", 13), ("orin-nano", "6.0", 17),
+@pytest.mark.parametrize("device, jetpack, opset", [("xavier-nx", "5.1", 17), ("orin-nano", "6.0", 17),
                                                       ("agx-orin", "6.1", 20)])
 def test_each_profile_opset_is_honoured(built, tmp_path, device, jetpack, opset):
     from edgeskin.data import load_dataset, read_split
@@ -275,18 +273,6 @@ def test_cpu_device_is_refused_by_the_jetson_target(built, tmp_path):
 
 # ---------------------------------------------------------------- the engine on the device
 
-def test_engine_records_from_another_tensorrt_or_gpu_ask_for_a_rebuild():
-    from edgeskin.runtime.tensorrt import EngineMismatch, pick_engine
-
-    engines = [{"file": "a.plan", "tensorrt": "8.5.2", "gpu": "Orin", "sha256": "x", "precision": "int8"}]
-    assert pick_engine(engines, tensorrt="8.5.2", gpu="Orin", precision="int8")["file"] == "a.plan"
-    with pytest.raises(EngineMismatch, match="rebuild"):
-        pick_engine(engines, tensorrt="10.3.0", gpu="Orin", precision="int8")
-    with pytest.raises(EngineMismatch, match="Xavier"):
-        pick_engine(engines, tensorrt="8.5.2", gpu="Xavier", precision="int8")
-    assert pick_engine([], tensorrt="8.5.2", gpu="Orin", precision="int8") is None
-
-
 @pytest.mark.hardware
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed here (it ships with JetPack on the Jetson); "
                                         "the engine build and the tensorrt backend run on the device")
@@ -322,3 +308,549 @@ def test_engine_build_without_tensorrt_says_where_tensorrt_comes_from(jetson_int
     r = run_cli("engine", "build", str(bundle))
     assert r.returncode == 2 and "JetPack" in r.stderr
     assert json.loads((bundle / "manifest.json").read_text())["engine"]["engines"] == []  # nothing half-written
+
+
+# ================================================================ TensorRT through the test double
+#
+# tests/tensorrt_double.py simulates TensorRT's and cuda-python's documented glue and runs the
+# real ONNX graph in ONNX Runtime. The contract tests below run against the real TensorRT where
+# it is installed too, so the double can be caught lying.
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tensorrt_double as trtd  # noqa: E402
+
+DOUBLE_VERSIONS = ["8.5", "10.3", "10.13", "11.0"]
+
+
+@pytest.fixture()
+def double(monkeypatch, tmp_path):
+    """Install the double for one TensorRT version and board in this process; undone after."""
+    if HAS_TRT:
+        pytest.skip("a real TensorRT is installed: the double never replaces it")
+    def use(version: str = "10.3", board: str = "orin-nano"):
+        mods = trtd.install(version, board=board)
+        monkeypatch.setenv("EDGESKIN_DEVICE_TREE", str(trtd.device_tree(tmp_path / f"dt-{board}", board)))
+        monkeypatch.setenv("EDGESKIN_CACHE", str(tmp_path / "cache"))
+        return mods["tensorrt"]
+
+    yield use
+    trtd.uninstall()
+
+
+def tiny_onnx(*, opset: int = 17, dynamic: bool = True, fp16: bool = False) -> bytes:
+    """input (N, 3, 8, 8) -> Conv -> Relu -> GlobalAveragePool -> Flatten -> (N, 4)."""
+    rng = np.random.default_rng(1)
+    n = "N" if dynamic else 1
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 4])
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["logits"])]
+    m = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], [w]),
+                          opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    if fp16:
+        from edgeskin.quantize.tensorrt import to_fp16_tensors
+
+        m, _ = to_fp16_tensors(m)
+    return m.SerializeToString()
+
+
+def contract_build(trt, model: bytes, *, lo=1, opt=1, hi=8, dla: int | None = None, strong: bool = False,
+                   flags=("FP16",)):
+    """A build written only from TensorRT's documentation (independent of edgeskin's)."""
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    nflags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        nflags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strong:
+        nflags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(nflags)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model), [parser.get_error(i) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    for f in flags:
+        config.set_flag(getattr(trt.BuilderFlag, f))
+    if dla is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("input", (lo, 3, 8, 8), (opt, 3, 8, 8), (hi, 3, 8, 8))
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config)
+
+
+@pytest.fixture(params=["real"] + DOUBLE_VERSIONS)
+def trt_api(request, double):
+    """The real tensorrt where installed, else each simulated release."""
+    if request.param == "real":
+        if not HAS_TRT:
+            pytest.skip("TensorRT is not installed here; the contract runs against the double's releases")
+        import tensorrt
+
+        return tensorrt
+    return double(request.param, board="agx-orin")
+
+
+def _strong(trt) -> bool:
+    return int(trt.__version__.split(".")[0]) >= 11
+
+
+class TestTensorRTContract:
+    """TensorRT's documented behaviour that edgeskin relies on. Runs against the real TensorRT
+    wherever it is installed, so the double cannot drift from it unnoticed."""
+
+    def _engine(self, trt, **kw):
+        plan = contract_build(trt, tiny_onnx(), strong=_strong(trt), flags=() if _strong(trt) else ("FP16",), **kw)
+        assert plan is not None
+        return trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(bytes(plan))
+
+    def test_set_input_shape_is_false_outside_the_profile(self, trt_api):
+        ctx = self._engine(trt_api).create_execution_context()
+        assert ctx.set_input_shape("input", (8, 3, 8, 8)) is True
+        assert ctx.set_input_shape("input", (9, 3, 8, 8)) is False
+        assert ctx.set_input_shape("input", (0, 3, 8, 8)) is False
+
+    def test_output_shape_is_unresolved_until_the_inputs_are_set(self, trt_api):
+        engine = self._engine(trt_api)
+        ctx = engine.create_execution_context()
+        assert tuple(ctx.get_tensor_shape("logits"))[0] == -1
+        assert ctx.set_input_shape("input", (3, 3, 8, 8))
+        assert tuple(ctx.get_tensor_shape("logits")) == (3, 4)
+        assert [tuple(s) for s in engine.get_tensor_profile_shape("input", 0)] == [(1, 3, 8, 8), (1, 3, 8, 8),
+                                                                                    (8, 3, 8, 8)]
+
+    def test_dla_requires_static_shapes(self, trt_api):
+        if trt_api.Builder(trt_api.Logger(trt_api.Logger.ERROR)).num_DLA_cores == 0:
+            pytest.skip("no DLA on this device")
+        flags = () if _strong(trt_api) else ("FP16",)
+        assert contract_build(trt_api, tiny_onnx(), dla=0, strong=_strong(trt_api), flags=flags) is None
+        assert contract_build(trt_api, tiny_onnx(), lo=4, opt=4, hi=4, dla=0, strong=_strong(trt_api),
+                              flags=flags) is not None
+
+    def test_precision_flags_and_strong_typing(self, trt_api):
+        major, minor = (int(p) for p in trt_api.__version__.split(".")[:2])
+        if major >= 11:  # removed in 11.x: the migration guide's list of removed Python APIs
+            assert not hasattr(trt_api.BuilderFlag, "FP16") and not hasattr(trt_api.BuilderFlag, "INT8")
+        else:
+            assert hasattr(trt_api.BuilderFlag, "FP16") and hasattr(trt_api.BuilderFlag, "INT8")
+        if (major, minor) >= (10, 0):
+            assert contract_build(trt_api, tiny_onnx(opset=20, fp16=True), strong=True, flags=()) is not None
+        if (major, minor) >= (10, 0) and major < 11:  # precision flags are refused on a strongly typed network
+            assert contract_build(trt_api, tiny_onnx(), strong=True, flags=("FP16",)) is None
+
+    def test_a_serialized_engine_keeps_what_it_was_built_for(self, trt_api):
+        engine = self._engine(trt_api)
+        again = trt_api.Runtime(trt_api.Logger(trt_api.Logger.ERROR)).deserialize_cuda_engine(bytes(engine.serialize()))
+        assert again is not None and again.num_io_tensors == 2
+        if hasattr(trt_api, "__double__"):
+            assert again.built_on == {"name": "Orin", "cc": [8, 7], "sm": 16}
+            other = trtd.build_modules(next(v for v in DOUBLE_VERSIONS if trtd.VERSIONS[v]["version"]
+                                            != trt_api.__version__), board="agx-orin")["tensorrt"]
+            assert other.Runtime(other.Logger()).deserialize_cuda_engine(bytes(engine.serialize())) is None
+            xavier = trtd.build_modules(next(k for k, v in trtd.VERSIONS.items() if v["version"] == trt_api.__version__),
+                                        board="xavier-nx")["tensorrt"]
+            assert xavier.Runtime(xavier.Logger()).deserialize_cuda_engine(bytes(engine.serialize())) is None
+
+    def test_timing_cache_results_are_reported(self, trt_api):
+        builder = trt_api.Builder(trt_api.Logger(trt_api.Logger.ERROR))
+        config = builder.create_builder_config()
+        assert config.get_timing_cache() is None
+        assert config.set_timing_cache(config.create_timing_cache(b""), False) is True
+        assert config.get_timing_cache() is not None
+
+
+# ---------------------------------------------------------------- edgeskin's engine path, defect by defect
+
+def _bundle_copy(src, tmp_path, name="b.edgeskin") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def golden_inputs(jetson_int8):
+    from edgeskin.bundle import BundleReader
+
+    return BundleReader(jetson_int8.bundle).golden()["inputs"].astype(np.float32)
+
+
+def _proxy_probs(bundle, x):
+    from edgeskin.runtime import load
+
+    with load(bundle, engine="onnxruntime") as p:
+        return p.probabilities(x)
+
+
+def test_batches_above_the_profile_maximum_run_in_slices_in_order(double, jetson_int8, tmp_path):
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import build_engine
+
+    double("10.3", board="orin-nx-16")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    build_engine(bundle, timing_cache=tmp_path / "tc")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((33, 3, 32, 32)).astype(np.float32)
+    want = _proxy_probs(bundle, x)
+    with load(bundle) as pred:  # a fresh context, first call above the maximum
+        assert pred.backend.name == "tensorrt" and pred.backend.max_batch == 8
+        np.testing.assert_allclose(pred.probabilities(x[:16]), want[:16], atol=1e-6)
+    with load(bundle) as pred:  # a smaller batch first, then a larger one
+        np.testing.assert_allclose(pred.probabilities(x[:3]), want[:3], atol=1e-6)
+        got = pred.predict(list(x))  # the predictor's default batches of 16
+        np.testing.assert_allclose(np.stack([r.probs for r in got]), want, atol=1e-6)
+        runs = pred.backend.context.runs
+        assert max(runs) == 8 and sum(runs[-5:]) == 33
+
+
+def test_a_refused_input_shape_is_an_error_not_a_short_answer(double, jetson_int8, tmp_path, monkeypatch):
+    from edgeskin.errors import EdgeskinError
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import build_engine
+
+    double("8.5", board="orin-nx-16")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    build_engine(bundle, timing_cache=tmp_path / "tc")
+    with load(bundle) as pred:
+        monkeypatch.setattr(pred.backend, "max_batch", 16)  # as if the profile allowed more
+        with pytest.raises(EdgeskinError, match="refused input shape"):
+            pred.probabilities(np.zeros((12, 3, 32, 32), np.float32))
+
+
+def test_buffers_are_allocated_once_per_context_in_pinned_memory(double, jetson_int8, tmp_path):
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import build_engine
+
+    trt = double("10.3", board="orin-nano")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    build_engine(bundle, timing_cache=tmp_path / "tc")
+    cudart = trt.__double__.cudart
+    with load(bundle) as pred:
+        before = dict(cudart.stats)
+        assert before["cudaMallocHost"] >= 2
+        x = np.zeros((1, 3, 32, 32), np.float32)
+        for _ in range(20):
+            pred.logits(x)
+        pred.logits(np.zeros((20, 3, 32, 32), np.float32))
+        assert cudart.stats["cudaMalloc"] == before["cudaMalloc"]
+        assert cudart.stats["cudaMallocHost"] == before["cudaMallocHost"]
+        assert cudart.stats["cudaFree"] == before["cudaFree"]
+    assert cudart.stats["cudaFree"] == cudart.stats["cudaMalloc"]  # closing frees them
+    assert cudart.stats["cudaFreeHost"] == cudart.stats["cudaMallocHost"]
+
+
+def test_timing_cache_results_are_checked(double, jetson_int8, tmp_path, monkeypatch):
+    from edgeskin.runtime.tensorrt import build_engine
+
+    double("10.3", board="orin-nano")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    cache = tmp_path / "tc"
+    cache.write_text('{"tensorrt": "8.5.2.2", "device": {}, "entries": 7}')  # another TensorRT's cache
+    rec = build_engine(bundle, timing_cache=cache)
+    assert rec["timing_cache"]["rejected"] and rec["timing_cache"]["saved"]
+    assert json.loads(cache.read_text())["tensorrt"] == "10.3.0.30"  # a fresh cache replaced it
+    rec = build_engine(bundle, timing_cache=cache, rebuild=True)
+    assert rec["timing_cache"]["loaded"] and not rec["timing_cache"].get("rejected")
+    # get_timing_cache() may return None (no cache kept): the build goes on, no file written
+    monkeypatch.setattr(trtd.IBuilderConfig, "get_timing_cache", lambda self: None)
+    other = tmp_path / "tc2"
+    rec = build_engine(bundle, timing_cache=other, rebuild=True)
+    assert rec["timing_cache"]["saved"] is False and not other.exists()
+
+
+def test_engines_are_keyed_on_the_board_not_the_gpu_name(double, jetson_int8, tmp_path):
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import EngineMismatch, build_engine, default_timing_cache, device_identity
+
+    double("10.3", board="agx-orin")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    rec = build_engine(bundle)
+    agx = device_identity()
+    assert rec["device"]["board"].startswith("NVIDIA Jetson AGX Orin") and rec["gpu"] == "Orin"
+    double("10.3", board="orin-nano")  # the same GPU name "Orin" and compute capability 8.7
+    nano = device_identity()
+    assert nano["gpu"] == agx["gpu"] and nano["compute_capability"] == agx["compute_capability"]
+    with pytest.raises(EngineMismatch, match="AGX Orin"):
+        load(bundle)
+    assert default_timing_cache("10.3.0.30", agx) != default_timing_cache("10.3.0.30", nano)
+    # Orin NX 8 GB and Orin Nano 8 GB: same GPU, SM count and memory; only the board differs
+    a, b = trtd.BOARDS["orin-nx-8"], trtd.BOARDS["orin-nano"]
+    assert (a["name"], a["cc"], a["sm"], a["memory_gb"]) == (b["name"], b["cc"], b["sm"], b["memory_gb"])
+    double("10.3", board="orin-nx-8")
+    build_engine(bundle)
+    double("10.3", board="orin-nano")
+    with pytest.raises(EngineMismatch):
+        load(bundle)
+
+
+def test_engine_records_from_another_tensorrt_or_device_ask_for_a_rebuild():
+    from edgeskin.runtime.tensorrt import EngineMismatch, pick_engine
+
+    agx = {"board": "NVIDIA Jetson AGX Orin Developer Kit", "gpu": "Orin", "compute_capability": "8.7",
+           "sm_count": 16}
+    nano = {**agx, "board": "NVIDIA Jetson Orin Nano Developer Kit", "sm_count": 8}
+    engines = [{"file": "a.plan", "tensorrt": "8.5.2", "device": agx, "precision": "fp16", "dla_core": None},
+               {"file": "d.plan", "tensorrt": "8.5.2", "device": agx, "precision": "fp16", "dla_core": 0}]
+    assert pick_engine(engines, tensorrt="8.5.2", device=agx, precision="fp16")["file"] == "a.plan"
+    assert pick_engine(engines, tensorrt="8.5.2", device=agx, precision="fp16", dla_core=0)["file"] == "d.plan"
+    with pytest.raises(EngineMismatch, match="rebuild"):
+        pick_engine(engines, tensorrt="10.3.0", device=agx)
+    with pytest.raises(EngineMismatch, match="Orin Nano"):
+        pick_engine(engines, tensorrt="8.5.2", device=nano)
+    with pytest.raises(EngineMismatch, match="DLA core 1"):
+        pick_engine(engines, tensorrt="8.5.2", device=agx, dla_core=1)
+    assert pick_engine([], tensorrt="8.5.2", device=agx) is None
+
+
+@pytest.fixture(scope="module")
+def jetson_fp16(built, tmp_path_factory):
+    from edgeskin.data import load_dataset, read_split
+    from edgeskin.targets import get_target
+
+    return get_target("jetson").compile(built.model_dir, precision="fp16", dataset=load_dataset(built.data),
+                                        split=read_split(built.split_file),
+                                        out=tmp_path_factory.mktemp("jfp16") / "fp16.edgeskin", threads=1,
+                                        device="orin-nx", jetpack="6.2")
+
+
+def test_dla_builds_static_shapes_only_where_the_profile_has_a_dla(double, jetson_fp16, jetson_int8, tmp_path):
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import build_engine
+
+    assert jetson_fp16.manifest.engine["dla"] is True and jetson_fp16.manifest.engine["dla_cores"] == 2
+    double("10.3", board="orin-nx-16")
+    bundle = _bundle_copy(jetson_fp16.bundle, tmp_path)
+    gpu = build_engine(bundle)
+    dla = build_engine(bundle, dla=0)
+    assert dla["batch"] == {"min": 1, "opt": 1, "max": 1} and gpu["batch"]["max"] == 8
+    x = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
+    want = _proxy_probs(bundle, x)
+    with load(bundle, dla_core=0) as pred:  # the DLA engine, not refused, static batch 1
+        assert pred.backend.max_batch == 1
+        np.testing.assert_allclose(pred.probabilities(x), want, atol=1e-6)
+    with load(bundle) as pred:  # the GPU engine
+        assert pred.backend.max_batch == 8
+    # an int8 bundle rebuilt "as fp16" would record an engine that is not what it says
+    with pytest.raises(ConfigError, match="int8 bundle"):
+        build_engine(_bundle_copy(jetson_int8.bundle, tmp_path, "i.edgeskin"), precision="fp16")
+    # a device profile without a DLA (Orin Nano): asked for nothing, refused before building
+    nano = _bundle_copy(jetson_fp16.bundle, tmp_path, "n.edgeskin")
+    m = json.loads((nano / "manifest.json").read_text())
+    m["engine"].update(dla=False, dla_cores=0, device="jetson-orin-nano")
+    (nano / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="no DLA"):
+        build_engine(nano, dla=0)
+
+
+def test_trtexec_line_follows_the_tensorrt_version():
+    from edgeskin.targets.jetson import trtexec_command
+
+    kw = dict(model_file="m.onnx", engine_file="m.plan", input_name="input", size=32, layout="NCHW",
+              workspace_mb=512)
+    old = trtexec_command(precision="int8", tensorrt="8.5", **kw)
+    assert "--int8" in old and "--fp16" in old and "--stronglyTyped" not in old
+    for v in ("10.13", "11.0"):
+        new = trtexec_command(precision="int8", tensorrt=v, **kw)
+        assert "--stronglyTyped" in new and "--int8" not in new and "--fp16" not in new
+    dla = trtexec_command(precision="fp16", tensorrt="10.3", dla_core=0, **kw)
+    assert "--minShapes=input:1x3x32x32" in dla and "--maxShapes=input:1x3x32x32" in dla
+
+
+@pytest.fixture(scope="module")
+def jetson_thor_int8(built, tmp_path_factory):
+    from edgeskin.calibration import read_calibration_set
+    from edgeskin.data import load_dataset, read_split
+    from edgeskin.targets import get_target
+
+    out = tmp_path_factory.mktemp("thor") / "int8.edgeskin"
+    return get_target("jetson").compile(built.model_dir, precision="int8", dataset=load_dataset(built.data),
+                                        split=read_split(built.split_file), out=out,
+                                        calibration=read_calibration_set(built.calib_file), force=True, threads=1,
+                                        device="agx-thor", jetpack="7.0")
+
+
+def test_strongly_typed_releases_get_fp16_tensors_and_no_precision_flags(double, jetson_thor_int8, jetson_int8,
+                                                                        tmp_path):
+    from edgeskin.bundle import BundleReader
+    from edgeskin.runtime.tensorrt import build_engine
+
+    e = jetson_thor_int8.manifest.engine
+    assert e["typing"] == "strong" and e["float_tensors"] == "float16" and e["precision_flags"] == []
+    assert "--stronglyTyped" in e["trtexec"] and "--int8" not in e["trtexec"] and e["opset"] >= 19
+    proto = onnx.load_from_string(BundleReader(jetson_thor_int8.bundle).read("model.onnx"))
+    kinds = {i.data_type for i in proto.graph.initializer}
+    assert TensorProto.FLOAT16 in kinds and TensorProto.FLOAT not in kinds
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # the app still feeds FP32
+    for version in ("10.13", "11.0"):
+        trt = double(version, board="agx-thor")
+        bundle = _bundle_copy(jetson_thor_int8.bundle, tmp_path, f"t{version}.edgeskin")
+        rec = build_engine(bundle)
+        assert rec["typing"] == "strong" and rec["builder_flags"] == []
+        engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine((bundle / rec["file"]).read_bytes())
+        assert engine.float_precision == "fp16" and engine.header["strongly_typed"]
+        # a bundle compiled for a weakly typed JetPack would run its float layers in FP32 here
+        with pytest.raises(ConfigError, match="silently run them in FP32"):
+            build_engine(_bundle_copy(jetson_int8.bundle, tmp_path, f"w{version}.edgeskin"))
+
+
+def test_fp16_tensors_keep_the_graph_close_to_fp32():
+    import onnxruntime as ort
+
+    from edgeskin.quantize.tensorrt import to_fp16_tensors
+
+    m = onnx.load_from_string(tiny_onnx(opset=20))
+    half, rec = to_fp16_tensors(m)
+    assert rec["float_tensors"] == "float16"
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    a = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 1e-2
+    with pytest.raises(Exception, match="opset 19"):
+        to_fp16_tensors(qdq_graph(opset=17))
+
+
+def test_bundle_verify_on_a_device_with_only_the_runtime(jetson_int8, tmp_path):
+    env = trtd.subprocess_env(tmp_path, "8.5", board="orin-nx-16")
+    r = subprocess.run([sys.executable, "-m", "edgeskin", "bundle", "verify", str(jetson_int8.bundle)],
+                       capture_output=True, text=True, env={**env, "COLUMNS": "200"}, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "files verified" in r.stdout and "not checked here" in r.stdout and "passed" in r.stdout
+
+
+def test_jetson_power_state_reads_nvpmodel_and_the_clocks(tmp_path, monkeypatch):
+    from edgeskin.runtime.tensorrt import jetson_power_state
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvpmodel").write_text("#!/bin/sh\necho 'NV Power Mode: MAXN'\necho 0\n")
+    (bin_ / "nvpmodel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    sysfs = tmp_path / "sys"
+    cpu = sysfs / "devices/system/cpu/cpu0/cpufreq"
+    gpu = sysfs / "class/devfreq/17000000.ga10b"
+    for d in (cpu, gpu):
+        d.mkdir(parents=True)
+    (cpu / "scaling_min_freq").write_text("2201600\n")
+    (cpu / "cpuinfo_max_freq").write_text("2201600\n")
+    (gpu / "min_freq").write_text("1300500000\n")
+    (gpu / "max_freq").write_text("1300500000\n")
+    assert jetson_power_state(sysfs=str(sysfs)) == {"power_mode": "MAXN", "power_mode_id": 0, "clocks_locked": True}
+    (gpu / "min_freq").write_text("306000000\n")
+    assert jetson_power_state(sysfs=str(sysfs))["clocks_locked"] is False
+    assert jetson_power_state(sysfs=str(tmp_path / "none"))["clocks_locked"] is None
+
+
+def test_profiles_state_python_tensorrt_cuda_opset_and_the_cuda_python_pin():
+    profiles = load_profiles()
+    for p in (p for p in profiles.values() if p.kind == "jetson"):
+        for jp in p.jetpacks:
+            assert jp.python and jp.tensorrt and jp.cuda and jp.max_opset, (p.name, jp.version)
+            if not jp.supported:
+                continue
+            cuda_major = int(jp.cuda.split(".")[0])
+            assert jp.cuda_python.startswith("cuda-python>=") and f">={cuda_major}." in jp.cuda_python \
+                and f"<{cuda_major + 1}" in jp.cuda_python.replace(f"<{cuda_major}.", f"<{cuda_major + 1}"), jp
+            assert tuple(int(v) for v in jp.python.split(".")) >= (3, 8)
+    assert get_profile("orin-nano").jetpack("6.2").tensorrt == "10.3" and get_profile("orin-nano").jetpack("6.2").cuda == "12.6"
+    thor = get_profile("agx-thor").jetpack("7.0")
+    assert thor.typing == "strong" and thor.cuda == "13.0" and thor.python == "3.12"
+    assert get_profile("agx-orin").jetpack("7.1").typing == "strong"
+    assert get_profile("orin-nano").jetpack("5.1").python == "3.8" and get_profile("orin-nano").jetpack("5.1").cuda == "11.4"
+    with pytest.raises(ConfigError, match="Python 3.6"):
+        get_profile("xavier-nx").jetpack("4.6")
+
+
+# ---------------------------------------------------------------- the validator and the conversion
+
+def test_validator_refuses_int8_weights_of_minus_128_and_non_positive_scales():
+    m = qdq_graph()
+    for t in m.graph.initializer:
+        if t.name == "w_q":
+            w = numpy_helper.to_array(t).copy()
+            w.flat[0] = -128
+            t.CopyFrom(numpy_helper.from_array(w, "w_q"))
+    rep = validate_tensorrt_onnx(m, max_opset=17, lint=False)
+    assert [r.rule for r in rep.failures()] == ["weights-range"] and "conv" in rep.failures()[0].nodes[0]
+    m = qdq_graph()
+    for t in m.graph.initializer:
+        if t.name == "a_scale":
+            t.CopyFrom(numpy_helper.from_array(np.array(0.0, np.float32), "a_scale"))
+    rep = validate_tensorrt_onnx(m, max_opset=17, lint=False)
+    assert "scale-positive" in [r.rule for r in rep.failures()]
+    assert any(n.startswith("in_") for n in _rules(rep)["scale-positive"].nodes)
+
+
+def _weight_op_graph(op: str, axis: int, *, trans_b: int = 0) -> onnx.ModelProto:
+    """input -> (MatMul | Gemm | ConvTranspose) with INT8 weights dequantized per channel on ``axis``."""
+    if op == "ConvTranspose":
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])
+        w_shape, n_out, out_shape = (3, 5, 3, 3), 5, [1, 5, 6, 6]
+    else:
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3])
+        w_shape = (5, 3) if (op == "Gemm" and trans_b) else (3, 5)
+        n_out, out_shape = 5, [2, 5]
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)
+    w = np.random.default_rng(0).integers(-127, 128, w_shape).astype(np.int8)
+    size = w_shape[axis]
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(size, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(size, np.int8), "w_z")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], name="w_dq", axis=axis),
+             helper.make_node(op, ["input", "w"], ["out"], name="layer", **({"transB": trans_b} if op == "Gemm" else {}))]
+    del n_out
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op, good, bad, trans_b", [("MatMul", 1, 0, 0), ("Gemm", 1, 0, 0), ("Gemm", 0, 1, 1),
+                                                    ("ConvTranspose", 1, 0, 0)])
+def test_validator_checks_the_per_channel_axis_of_each_weight_layer(op, good, bad, trans_b):
+    ok = validate_tensorrt_onnx(_weight_op_graph(op, good, trans_b=trans_b), max_opset=17, lint=False)
+    assert ok.passed, ok.to_dict()
+    rep = validate_tensorrt_onnx(_weight_op_graph(op, bad, trans_b=trans_b), max_opset=17, lint=False)
+    assert [r.rule for r in rep.failures()] == ["weights-per-channel"] and rep.failures()[0].nodes[0].startswith("layer")
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_conversion_rescales_a_shared_scale_once_per_zero_point():
+    m = qdq_graph(act_dtype=np.uint8, act_zp=0)
+    # the output quantizer shares the input's scale, with its own UINT8 zero point of 10
+    m.graph.initializer.append(numpy_helper.from_array(np.array(10, np.uint8), "o_zp_u8"))
+    for n in m.graph.node:
+        if n.name in ("relu_q", "relu_dq"):
+            n.input[1], n.input[2] = "a_scale", "o_zp_u8"
+    # non-negative inputs: a UINT8 input quantizer with zero point 0 clips negatives, its signed form does not
+    x = np.abs(np.random.default_rng(0).standard_normal((1, 3, 8, 8))).astype(np.float32)
+    fixed, rec = to_tensorrt_int8(m)
+    assert validate_tensorrt_onnx(fixed, max_opset=17, lint=False).passed
+    inits = {i.name: numpy_helper.to_array(i) for i in fixed.graph.initializer}
+    scales = {n.name: inits[n.input[1]] for n in fixed.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert np.isclose(scales["in_q"], 0.02 * 255 / 127)  # rescaled once, not twice
+    assert np.isclose(scales["relu_q"], 0.02 * 245 / 127) and rec["shared_scales_split"] == 1
+    assert np.abs(_run(fixed, x) - _run(m, x)).max() < 0.3  # one step of the coarser signed grids
+
+
+def test_conversion_rewrites_uint8_weights_with_their_scale():
+    m = qdq_graph()
+    for t in m.graph.initializer:
+        if t.name == "w_q":
+            w = numpy_helper.to_array(t).astype(np.int16) + 128
+            t.CopyFrom(numpy_helper.from_array(w.astype(np.uint8), "w_q"))
+        if t.name == "w_zp":
+            t.CopyFrom(numpy_helper.from_array(np.full(4, 128, np.uint8), "w_zp"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    fixed, rec = to_tensorrt_int8(m)
+    assert rec["weights_rewritten"] == 1
+    assert validate_tensorrt_onnx(fixed, max_opset=17, lint=False).passed
+    ref = _run(m, x)
+    assert np.abs(_run(fixed, x) - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6) + 0.06

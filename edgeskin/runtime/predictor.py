@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import BundleError, BundleReader, Manifest
-from ..errors import ConfigError
+from ..errors import ConfigError, EdgeskinError
 from ..preprocess import ImageSource, preprocess
 from .backends import make_backend
 
@@ -51,7 +51,8 @@ class Predictor:
     """Runs one bundle. ``predict`` takes a path, bytes, a Pillow image, an HWC uint8 RGB array,
     a preprocessed (C, H, W) / (N, C, H, W) float32 array, or a list of those."""
 
-    def __init__(self, reader: BundleReader, *, threads: int | None = None, engine: str = "auto") -> None:
+    def __init__(self, reader: BundleReader, *, threads: int | None = None, engine: str = "auto",
+                 dla_core: int | None = None) -> None:
         self.reader = reader
         self.manifest: Manifest = reader.manifest
         self.labels = tuple(self.manifest.labels)
@@ -64,7 +65,7 @@ class Predictor:
             from .tensorrt import open_backend
 
             self.backend, self.host_proxy = open_backend(reader, model, engine=engine, threads=threads,
-                                                         input_name=self.manifest.input.name)
+                                                         input_name=self.manifest.input.name, dla_core=dla_core)
         else:
             self.backend = make_backend(name, model, threads=threads, input_name=self.manifest.input.name)
         if getattr(self.backend, "handles_quantization", False):
@@ -89,6 +90,9 @@ class Predictor:
     def close(self) -> None:
         """Release the bundle (a zip's file handle) and the engine."""
         self.reader.close()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
         self.backend = None  # type: ignore[assignment]
 
     def __enter__(self) -> "Predictor":
@@ -98,6 +102,10 @@ class Predictor:
         self.close()
 
     # -- inputs
+    def tensor(self, item: Input) -> np.ndarray:
+        """One input decoded and preprocessed as this bundle wants it (raises for a bad file)."""
+        return self._tensor(item)
+
     def _tensor(self, item: Input) -> np.ndarray:
         if isinstance(item, np.ndarray):
             if item.dtype == np.uint8 and item.ndim == 3 and item.shape[-1] == 3:
@@ -129,8 +137,15 @@ class Predictor:
         """Raw model outputs for a preprocessed batch (N, C, H, W) or (N, H, W, C)."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if getattr(self.backend, "handles_quantization", False):  # from the model's own parameters
-            return np.asarray(self.backend.run(x), dtype=np.float64)
+            y = np.asarray(self.backend.run(x), dtype=np.float64)
+            if len(y) != len(x):
+                raise EdgeskinError(f"the backend returned {len(y)} outputs for {len(x)} inputs",
+                                    "run `edgeskin selftest` on the bundle and report this")
+            return y
         y = self.backend.run(self._quantize_input(x))
+        if len(y) != len(x):  # never let a short answer shift probabilities onto other images
+            raise EdgeskinError(f"the {getattr(self.backend, 'name', 'engine')} backend returned {len(y)} outputs "
+                                f"for {len(x)} inputs", "run `edgeskin selftest` on the bundle and report this")
         out = self.manifest.output
         if out.get("scale") is not None:  # integer outputs
             y = (y.astype(np.float64) - float(out.get("zero_point", 0))) * float(out["scale"])
@@ -149,6 +164,8 @@ class Predictor:
         probs = np.concatenate([self.probabilities(np.stack(tensors[s : s + batch_size]))
                                 for s in range(0, len(tensors), batch_size)]) if tensors else np.zeros((0, len(self.labels)))
         k = max(1, min(int(top_k), len(self.labels)))
+        if len(probs) != len(items):
+            raise EdgeskinError(f"{len(probs)} results for {len(items)} inputs", "report this")
         preds = [Prediction(p, self.labels, k, _name(i)) for p, i in zip(probs, items)]
         return preds[0] if single else preds
 
@@ -159,13 +176,15 @@ def _name(item: Any) -> str:
     return ""
 
 
-def load(bundle: str | os.PathLike, *, threads: int | None = None, engine: str = "auto") -> Predictor:
+def load(bundle: str | os.PathLike, *, threads: int | None = None, engine: str = "auto",
+         dla_core: int | None = None) -> Predictor:
     """Open a bundle (folder or zip), check its schema and hashes, and build its engine.
 
     ``engine`` matters for jetson bundles: ``auto`` uses TensorRT when installed and the ONNX
-    Runtime host proxy otherwise; ``tensorrt`` or ``onnxruntime`` force one.
+    Runtime host proxy otherwise; ``tensorrt`` or ``onnxruntime`` force one. ``dla_core`` picks
+    the engine built for that DLA core (default: the GPU's).
     """
-    return Predictor(BundleReader(bundle), threads=threads, engine=engine)
+    return Predictor(BundleReader(bundle), threads=threads, engine=engine, dla_core=dla_core)
 
 
 @dataclass(frozen=True)
