@@ -854,3 +854,143 @@ def test_conversion_rewrites_uint8_weights_with_their_scale():
     assert validate_tensorrt_onnx(fixed, max_opset=17, lint=False).passed
     ref = _run(m, x)
     assert np.abs(_run(fixed, x) - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6) + 0.06
+
+
+# ---------------------------------------------------------------- the documented device steps, per release
+
+#: the edgeskin modules the device commands may load; tests/test_jetson.py proves each runs on
+#: Python 3.8 (vermin) and the flow below proves the device commands load nothing else
+DEVICE_MODULES = (
+    "edgeskin", "edgeskin.__main__", "edgeskin.errors", "edgeskin.labels", "edgeskin.preprocess",
+    "edgeskin.bundle", "edgeskin.fileio", "edgeskin.profiles", "edgeskin.progress", "edgeskin.cli",
+    "edgeskin.cli_data", "edgeskin.runtime", "edgeskin.runtime.backends", "edgeskin.runtime.predictor",
+    "edgeskin.runtime.tensorrt", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
+    "edgeskin.bench.runner", "edgeskin.bench.report", "edgeskin.bench.reference", "edgeskin.bench.stats",
+    "edgeskin.metrics", "edgeskin.data", "edgeskin.data.readers", "edgeskin.data.split", "edgeskin.data.cache",
+    "edgeskin.data.fetch",
+)
+#: the modules whose annotations run at import or call time (typer reads the command functions')
+EVAL_ANNOTATIONS = ("edgeskin/cli.py", "edgeskin/cli_data.py")
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "jetson.md"
+#: simulated TensorRT -> (documented JetPack block, board, which bundle)
+FLOW = {"8.5": ("5.1", "orin-nx-16", "jp5"), "10.3": ("6.2", "orin-nano", "jp5"),
+        "10.13": ("7.0", "agx-thor", "jp7"), "11.0": ("7.0", "agx-thor", "jp7")}
+
+
+def documented_steps() -> dict[str, list[str]]:
+    """The shell lines of each ``<!-- device-steps jetpack=X -->`` block of docs/jetson.md."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    for m in re.finditer(r"<!-- device-steps jetpack=(\S+) tensorrt=\S+ -->\n```sh\n(.*?)```", DOC.read_text(), re.S):
+        out[m.group(1)] = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
+    return out
+
+
+def test_docs_give_device_steps_for_jetpack_5_6_and_7():
+    steps = documented_steps()
+    assert set(steps) == {"5.1", "6.2", "7.0"}
+    for jp, lines in steps.items():
+        pip = [ln for ln in lines if ln.startswith("pip install")]
+        assert len(pip) == 1 and "[runtime]" in pip[0], jp
+        profile = next(p for p in load_profiles().values() if p.kind == "jetson" and
+                       any(j.version == jp for j in p.jetpacks))
+        assert f"'{profile.jetpack(jp).cuda_python}'" in pip[0], (jp, profile.jetpack(jp).cuda_python)
+        assert [ln.split()[1] for ln in lines if ln.startswith("edgeskin ")][:3] == ["bundle", "engine", "selftest"]
+
+
+def _reference(bundle, data, out):
+    """A reference-predictions file for the device bench: the host proxy's probabilities."""
+    from edgeskin.bench.reference import ReferencePredictions
+    from edgeskin.data import load_dataset
+    from edgeskin.runtime import load
+
+    ds = load_dataset(data)
+    samples = ds.samples[:40]
+    codes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    with load(bundle, engine="onnxruntime") as p:
+        probs = np.stack([r.probs for r in p.predict([s.path for s in samples])])
+    ref = ReferencePredictions([s.image_id for s in samples], codes, np.array([codes.index(s.dx) for s in samples]),
+                               {"ensemble": probs}, split="all")
+    ref.save(out)
+    return probs
+
+
+@pytest.fixture(scope="module")
+def flow_bundles(jetson_int8, jetson_thor_int8):
+    return {"jp5": jetson_int8.bundle, "jp7": jetson_thor_int8.bundle}
+
+
+@pytest.mark.parametrize("version", DOUBLE_VERSIONS)
+def test_the_documented_device_steps_run(version, flow_bundles, built, tmp_path):
+    """The edgeskin lines of docs/jetson.md for this release, as a device with only the runtime
+    extra runs them, through the simulated TensorRT; then predict on 1, 8, 9 and 33 images and
+    the bench's probabilities, in order, against the host proxy."""
+    jp, board, which = FLOW[version]
+    work = tmp_path / "jetson"
+    work.mkdir()
+    bundle = work / "model.edgeskin"
+    shutil.copytree(flow_bundles[which], bundle)
+    shutil.copytree(built.data, work / "images")
+    images = sorted((work / "images").rglob("*.jpg"))
+    shutil.copyfile(images[0], work / "lesion.jpg")
+    ref_probs = _reference(bundle, work / "images", work / "ref.npz")
+    log = tmp_path / "modules.txt"
+    env = trtd.subprocess_env(tmp_path, version, board=board, modules_log=log)
+    env.update(COLUMNS="200", OMP_NUM_THREADS="1", EDGESKIN_CACHE=str(tmp_path / "cache"))
+    env.pop("EDGESKIN_DATA", None)
+
+    def edgeskin(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "edgeskin", *args], capture_output=True, text=True, env=env,
+                           cwd=work, timeout=300)
+        assert not check or r.returncode == 0, f"edgeskin {' '.join(args)}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+        return r
+
+    import shlex
+
+    outputs = {}
+    for line in documented_steps()[jp]:
+        if line.startswith("edgeskin "):
+            args = shlex.split(line)[1:]
+            outputs[args[0] + ("" if args[0] != "predict" else args[1])] = edgeskin(*args, check=args[0] != "bench")
+    assert "not checked here" in outputs["bundle"].stdout  # onnx is not on the device
+    rec = json.loads((bundle / "manifest.json").read_text())["engine"]["engines"][-1]
+    assert rec["tensorrt"] == trtd.VERSIONS[version]["version"]
+    assert rec["device"]["board"] == trtd.BOARDS[board]["model"]
+    assert rec["typing"] == ("strong" if version in ("10.13", "11.0") else "weak")
+    assert "selftest passed" in outputs["selftest"].stdout and "tensorrt" in outputs["selftest"].stdout
+
+    # predict on 1, 8, 9 and 33 images: probabilities in order, as the host proxy gives them
+    from edgeskin.runtime import load
+
+    with load(bundle, engine="onnxruntime") as proxy:
+        for n, bs in ((1, 1), (8, 8), (9, 16), (33, 16)):
+            files = [str(p) for p in images[:n]]
+            r = edgeskin("predict", *files, "--bundle", str(bundle), "--engine", "tensorrt", "--json",
+                         "--batch-size", str(bs))
+            got = json.loads(r.stdout)
+            assert [g["source"] for g in got] == files
+            want = np.stack([p.probs for p in proxy.predict(files)])
+            probs = np.array([[g["probabilities"][c] for c in proxy.labels] for g in got])
+            np.testing.assert_allclose(probs, want, atol=2e-5, err_msg=f"{n} images")
+
+    # the bench ran in device mode: TensorRT, its power state recorded, the same predictions
+    bench = outputs["bench"]
+    assert bench.returncode == 0, f"{bench.stdout[-1500:]}\n{bench.stderr[-3000:]}"
+    report = json.loads((work / "bench" / "report.json").read_text())
+    row = next(r for r in report["rows"] if r.get("kind") == "bundle")
+    assert row["status"] == "ok", row
+    assert row["engine"] == "tensorrt" and not row["host_proxy"] and not row["torch_loaded"]
+    assert set(row["device_state"]) == {"power_mode", "power_mode_id", "clocks_locked"}
+    assert "device_state" in row["latency_batch1"]
+    assert row["top1"] == pytest.approx(float(np.mean(ref_probs.argmax(1) == np.array(
+        [("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc").index(s) for s in _dx(work / "images", 40)]))))
+    loaded = set(log.read_text().split())
+    assert loaded and loaded <= set(DEVICE_MODULES), sorted(loaded - set(DEVICE_MODULES))
+
+
+def _dx(data, n):
+    from edgeskin.data import load_dataset
+
+    return [s.dx for s in load_dataset(data).samples[:n]]
