@@ -51,16 +51,22 @@ class InputSpec:
     #: for models that take int8/uint8 input: q = round(x / scale) + zero_point
     scale: float | None = None
     zero_point: int | None = None
+    #: for models trained elsewhere (see PreprocessConfig); written only when not the defaults
+    channel_order: str = "RGB"
+    input_range: float = 1.0
+    normalization: str = "meanstd"
 
     @classmethod
     def from_preprocess(cls, pre: PreprocessConfig, **kw: Any) -> "InputSpec":
         return cls(size=pre.size, resize=pre.resize_size, layout=pre.layout, mean=tuple(pre.mean),
-                   std=tuple(pre.std), interpolation=pre.interpolation, **kw)
+                   std=tuple(pre.std), interpolation=pre.interpolation, channel_order=pre.channel_order,
+                   input_range=pre.input_range, normalization=pre.normalization, **kw)
 
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(size=self.size, resize=self.resize, mean=tuple(self.mean),  # type: ignore[arg-type]
                                 std=tuple(self.std), interpolation=self.interpolation,  # type: ignore[arg-type]
-                                layout=self.layout)
+                                layout=self.layout, channel_order=self.channel_order,
+                                input_range=self.input_range, normalization=self.normalization)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class Manifest:
         d = asdict(self)
         d["input"]["mean"] = list(self.input.mean)
         d["input"]["std"] = list(self.input.std)
+        if (self.input.channel_order, self.input.input_range, self.input.normalization) == ("RGB", 1.0, "meanstd"):
+            for k in ("channel_order", "input_range", "normalization"):  # manifests as before they existed
+                d["input"].pop(k)
         d["labels"] = list(self.labels)
         return d
 

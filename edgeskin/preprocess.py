@@ -1,7 +1,8 @@
 """The one image pipeline, in numpy + Pillow, shared by training, calibration, bench and runtime.
 
-Decode -> EXIF orientation -> RGB -> resize the shorter side -> centre crop -> /255 ->
-normalise -> CHW float32. Every stage calls :func:`preprocess` (or its two halves,
+Decode -> EXIF orientation -> RGB -> resize the shorter side -> centre crop -> channel order
+(RGB, or BGR for models trained that way) -> scale to 0-1 (or keep 0-255) -> normalise -> CHW
+(or HWC) float32. Every stage calls :func:`preprocess` (or its two halves,
 :func:`load_resized` and :func:`finish`), so every stage sees identical tensors for the same
 image, whether it comes from a path, bytes, or an already opened Pillow image.
 """
@@ -24,6 +25,20 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Keras' "caffe" mode (keras.applications.imagenet_utils.preprocess_input): BGR, 0-255, these
+#: per-channel means (B, G, R) subtracted, no scaling.
+CAFFE_MEAN: tuple[float, float, float] = (103.939, 116.779, 123.68)
+
+#: Named normalisations: mode -> (input_range, mean, std) they stand for. "meanstd" takes the
+#: config's own numbers; the others fix them (Keras' "caffe" and "tf" modes, and none at all).
+NORMALIZATIONS: dict[str, tuple[float, tuple[float, float, float], tuple[float, float, float]] | None] = {
+    "meanstd": None,
+    "caffe": (255.0, CAFFE_MEAN, (1.0, 1.0, 1.0)),
+    "tf": (255.0, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    "none": (1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+CHANNEL_ORDERS = ("RGB", "BGR")
+INPUT_RANGES = (1.0, 255.0)
 
 #: Pillow's own default limit (about 89.5 megapixels); larger images are refused as
 #: possible decompression bombs rather than merely warned about.
@@ -38,6 +53,12 @@ class PreprocessConfig:
 
     ``size`` is the square crop fed to the network; the shorter side is first resized to
     ``resize`` (default ``round(size / crop_fraction)``, i.e. 256 for 224 and 128 for 112).
+
+    Models trained elsewhere declare the rest: ``channel_order`` (``RGB``, or ``BGR``),
+    ``input_range`` (pixel values before normalisation: ``1.0`` for 0-1, ``255.0`` for 0-255)
+    and ``normalization`` (``meanstd``: subtract ``mean`` and divide by ``std``, given per
+    channel of the tensor as fed and in its range; ``caffe``, ``tf`` and ``none`` name fixed
+    numbers, see :data:`NORMALIZATIONS`). The defaults are edgeskin's own pipeline.
     """
 
     size: int = 224
@@ -47,6 +68,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     layout: str = field(default="NCHW")
+    channel_order: str = "RGB"
+    input_range: float = 1.0
+    normalization: str = "meanstd"
 
     def __post_init__(self) -> None:
         if self.resize is None:  # resolve the default once, so equal configs compare equal
@@ -65,6 +89,39 @@ class PreprocessConfig:
             )
         if self.layout not in ("NCHW", "NHWC"):
             raise ConfigError(f"unknown layout {self.layout!r}", "choose NCHW or NHWC")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ConfigError(f"unknown channel order {self.channel_order!r}", "choose RGB or BGR")
+        if float(self.input_range) not in INPUT_RANGES:
+            raise ConfigError(f"input range {self.input_range} is not supported",
+                              "choose 1 (pixels scaled to 0-1) or 255 (pixels kept in 0-255)")
+        object.__setattr__(self, "input_range", float(self.input_range))
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalization {self.normalization!r}",
+                              f"choose one of: {', '.join(NORMALIZATIONS)}")
+        fixed = NORMALIZATIONS[self.normalization]
+        if fixed is not None:
+            rng, mean, std = fixed
+            if (self.input_range, tuple(map(float, self.mean)), tuple(map(float, self.std))) != (rng, mean, std):
+                raise ConfigError(
+                    f"normalization {self.normalization!r} means input range {rng:g}, mean {list(mean)}, "
+                    f"std {list(std)}; got {self.input_range:g}, {list(self.mean)}, {list(self.std)}",
+                    f"build it with PreprocessConfig.with_normalization({self.normalization!r}, ...) "
+                    "or use normalization 'meanstd' with your own numbers")
+
+    @classmethod
+    def with_normalization(cls, mode: str, **kw: object) -> "PreprocessConfig":
+        """A config in one of the named modes (``caffe``, ``tf``, ``none``) with its numbers filled
+        in; ``meanstd`` takes ``mean``/``std``/``input_range`` from ``kw``."""
+        fixed = NORMALIZATIONS.get(mode)
+        if fixed is not None:
+            rng, mean, std = fixed
+            kw = {**kw, "input_range": rng, "mean": mean, "std": std}
+        return cls(normalization=mode, **kw)  # type: ignore[arg-type]
+
+    @property
+    def is_default_pixels(self) -> bool:
+        """True when channel order, range and normalisation mode are edgeskin's own (RGB, 0-1, mean/std)."""
+        return (self.channel_order, self.input_range, self.normalization) == ("RGB", 1.0, "meanstd")
 
     @property
     def resize_size(self) -> int:
@@ -76,9 +133,18 @@ class PreprocessConfig:
         d["resize"] = self.resize_size
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.is_default_pixels:
+            # edgeskin's own pipeline: written exactly as before these keys existed, so existing
+            # checkpoints, manifests and cache keys stay the same
+            for k in ("channel_order", "input_range", "normalization"):
+                d.pop(k)
+            pixels = "/255, normalise with mean/std"
+        else:
+            scale = "/255" if self.input_range == 1.0 else "keep 0-255"
+            pixels = f"{self.channel_order}, {scale}, normalise ({self.normalization}) with mean/std"
         d["rule"] = (
             f"resize shorter side to {self.resize_size} ({self.interpolation}, antialiased), "
-            f"centre crop {self.size}x{self.size}, /255, normalise with mean/std"
+            f"centre crop {self.size}x{self.size}, {pixels}"
         )
         return d
 
@@ -92,6 +158,9 @@ class PreprocessConfig:
             std=tuple(float(x) for x in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
             interpolation=str(d.get("interpolation", "bilinear")),
             layout=str(d.get("layout", "NCHW")),
+            channel_order=str(d.get("channel_order", "RGB")),
+            input_range=float(d.get("input_range", 1.0)),
+            normalization=str(d.get("normalization", "meanstd")),
         )
 
 
@@ -230,8 +299,12 @@ def load_resized(
 
 
 def normalize(arr: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """HWC uint8 -> normalised float32 in the config's layout (CHW for NCHW)."""
-    x = arr.astype(np.float32) / np.float32(255.0)
+    """HWC uint8 RGB -> normalised float32 in the config's channel order and layout (CHW for NCHW)."""
+    x = arr.astype(np.float32)
+    if config.channel_order == "BGR":
+        x = x[..., ::-1]
+    if config.input_range == 1.0:
+        x = x / np.float32(255.0)
     x = (x - np.asarray(config.mean, dtype=np.float32)) / np.asarray(config.std, dtype=np.float32)
     if config.layout == "NCHW":
         x = x.transpose(2, 0, 1)
