@@ -44,36 +44,24 @@ def evaluate(
     members: Sequence[Any] | None = None,
     device: Any = None,
 ) -> Evaluation:
-    """Evaluate every member of ``model`` (an ensemble folder or one checkpoint) and, with more
-    than one member, the ensemble (mean of softmax), on ``split_name`` of ``dataset``.
+    """Evaluate every member of ``model`` (an ensemble folder or one checkpoint; imported and mixed
+    ensembles too) and, with more than one member, the ensemble (mean of the members'
+    probabilities), on ``split_name`` of ``dataset``. Each member sees the images through its own
+    preprocessing.
 
-    ``members``: the checkpoints of ``model`` when the caller has loaded them already.
+    ``members``: the members of ``model`` when the caller has loaded them already.
     ``device``: a torch device or a :class:`~edgeskin.models.compute.Compute` (default: the CPU);
     inference is fp32 there. The members are moved back to the CPU afterwards."""
-    import torch
-
-    from .models import load_ensemble, predict_probs
+    from .members import eval_inputs, load_members, member_probs
 
     reporter = reporter or NullReporter()
-    members = list(members) if members is not None else load_ensemble(Path(model))
+    members = list(members) if members is not None else load_members(Path(model))
     labels = members[0].labels
-    pre = members[0].preprocess
     subset = split.apply(dataset, split_name) if split is not None else dataset
-    subset, x, y = load_eval_set(subset, pre, labels, what=split_name, reporter=reporter, skip_bad=skip_bad)
-    probs: dict[str, np.ndarray] = {}
-    reports: dict[str, dict[str, Any]] = {}
-    dev = getattr(device, "device", device)
-    with torch.inference_mode():
-        for m in members:
-            reporter.start(f"evaluating {m.name}", len(x))
-            try:
-                probs[m.name] = predict_probs(m.model, x, batch_size=batch_size, progress=reporter.advance,
-                                              device=dev)
-            finally:
-                if dev is not None:
-                    m.model.cpu()
-                reporter.stop()
-            reports[m.name] = classification_report(probs[m.name], y, labels.codes)
+    subset, inputs, y = eval_inputs(subset, [m.preprocess for m in members], labels, what=split_name,
+                                    reporter=reporter, skip_bad=skip_bad)
+    probs = member_probs(members, inputs, batch_size=batch_size, device=device, reporter=reporter)
+    reports = {name: classification_report(p, y, labels.codes) for name, p in probs.items()}
     if len(members) > 1:
         ens = np.mean([probs[m.name] for m in members], axis=0)
         probs["ensemble"] = ens

@@ -62,6 +62,22 @@ class Checkpoint:
     def metrics(self) -> dict[str, Any]:
         return dict(self.config.get("metrics", {}))
 
+    @property
+    def source(self) -> str:
+        """The member's source format (see :mod:`edgeskin.members`)."""
+        return "edgeskin"
+
+    def probs(self, x: Any, *, batch_size: int = 64, device: Any = None, progress: Any = None) -> Any:
+        """Softmax probabilities (N, classes) for a batch made with :attr:`preprocess`."""
+        from .ensemble import predict_probs
+
+        return predict_probs(self.model, x, batch_size=batch_size, device=getattr(device, "device", device),
+                             progress=progress)
+
+    def release(self) -> None:
+        """Move the model back to the CPU after ``probs`` ran it on an accelerator."""
+        self.model.cpu()
+
 
 def save_checkpoint(
     model: nn.Module,
@@ -213,31 +229,10 @@ def _reference_hashes(cfg: dict) -> dict[str, str]:
     return found
 
 
-def load_ensemble(path: str | os.PathLike) -> list[Checkpoint]:
-    """Load every member of an ensemble directory (or a single checkpoint file)."""
-    p = Path(path)
-    if p.is_file():
-        return [load_checkpoint(p)]
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: model not found", "pass an ensemble folder or a member's .json")
-    members = []
-    for meta in sorted(p.glob("*.json")):
-        try:
-            head = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(head, dict) and head.get("format") == FORMAT:
-            members.append(load_checkpoint(meta))
-    if not members and (p / "config.json").is_file() and any(p.glob("member*.pt")):
-        members = _load_reference_layout(p)
-    if not members:
-        raise CheckpointError(f"{p}: no checkpoints found",
-                              "pass a folder written by `edgeskin train` (member*.json + .pt)")
-    first = members[0]
-    for m in members[1:]:
-        if m.config["labels"] != first.config["labels"] or m.config["preprocess"] != first.config["preprocess"]:
-            raise CheckpointError(
-                f"{m.path}: class order or preprocessing differs from {first.path}",
-                "an ensemble's members must share labels and preprocessing",
-            )
-    return members
+def load_ensemble(path: str | os.PathLike) -> list[Any]:
+    """Load every member of an ensemble folder (or a single member file): edgeskin checkpoints,
+    imported members (``edgeskin import``), both mixed, or the shared reference layout. Members
+    keep their own preprocessing; see :func:`edgeskin.members.load_members`."""
+    from ..members.loader import load_members
+
+    return load_members(path)
