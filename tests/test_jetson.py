@@ -994,3 +994,116 @@ def _dx(data, n):
     from edgeskin.data import load_dataset
 
     return [s.dx for s in load_dataset(data).samples[:n]]
+
+
+# ---------------------------------------------------------------- Python 3.8 on the device side (JetPack 5)
+#
+# No Python 3.8 interpreter can be installed on these machines, so two static proofs stand in:
+# vermin over every module the device commands load (the list above, which the documented flow
+# checks), and the runtime extra's dependencies resolving for CPython 3.8 on aarch64.
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _vermin() -> str:
+    exe = shutil.which("vermin") or str(Path(sys.executable).parent / "vermin")
+    if not Path(exe).exists():
+        pytest.fail("vermin is not installed: pip install -e '.[dev]'")
+    return exe
+
+
+def _typer_callbacks() -> list:
+    from edgeskin.cli import app
+
+    def walk(t, out):
+        out += [c.callback for c in t.registered_commands]
+        if t.registered_callback is not None:
+            out.append(t.registered_callback.callback)
+        for g in t.registered_groups:
+            walk(g.typer_instance, out)
+        return out
+
+    return walk(app, [])
+
+
+def test_device_modules_need_only_python_3_8(tmp_path):
+    import inspect
+
+    files = [str(REPO_ROOT / (m.replace(".", "/") + ".py")) if (REPO_ROOT / (m.replace(".", "/") + ".py")).is_file()
+             else str(REPO_ROOT / m.replace(".", "/") / "__init__.py") for m in DEVICE_MODULES]
+    r = subprocess.run([_vermin(), "-t=3.8-", "--no-tips", "--violations", *files], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+    # typer evaluates the command functions' annotations when the CLI starts: every command's,
+    # the device ones included, must evaluate on 3.8 (vermin --eval-annotations on exactly those)
+    stub = ["from __future__ import annotations"]
+    for i, fn in enumerate(_typer_callbacks()):
+        sig = inspect.signature(fn)
+        params = ", ".join(f"p{j}: {p.annotation}" for j, p in enumerate(sig.parameters.values())
+                           if p.annotation is not inspect.Parameter.empty)
+        ret = "" if sig.return_annotation is inspect.Signature.empty else f" -> {sig.return_annotation}"
+        stub.append(f"def {fn.__name__}_{i}({params}){ret}: pass  # {fn.__module__}")
+    assert len(stub) > 15 and any("engine_build" in s for s in stub)
+    (tmp_path / "annotations.py").write_text("\n".join(stub) + "\n")
+    r = subprocess.run([_vermin(), "-t=3.8-", "--no-tips", "--violations", "--eval-annotations",
+                        str(tmp_path / "annotations.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert set(EVAL_ANNOTATIONS) == {f.__module__.replace(".", "/") + ".py" for f in _typer_callbacks()}
+
+
+def test_vermin_catches_what_python_3_8_lacks(tmp_path):
+    """The check above can fail: a 3.9 feature and a 3.9 annotation are both caught."""
+    (tmp_path / "a.py").write_text("def f(s):\n    return s.removeprefix('x')\n")
+    (tmp_path / "b.py").write_text("from __future__ import annotations\ndef f(x: list[int]) -> None: pass\n")
+    assert subprocess.run([_vermin(), "-t=3.8-", "--no-tips", str(tmp_path / "a.py")], capture_output=True).returncode
+    assert subprocess.run([_vermin(), "-t=3.8-", "--no-tips", "--eval-annotations", str(tmp_path / "b.py")],
+                          capture_output=True).returncode
+
+
+JETPACK5 = {"python_version": "3.8", "python_full_version": "3.8.10", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython", "platform_machine": "aarch64", "platform_system": "Linux",
+            "sys_platform": "linux", "os_name": "posix"}
+PIP_TARGET = ["--python-version", "3.8", "--platform", "manylinux2014_aarch64", "--platform", "manylinux_2_31_aarch64",
+              "--only-binary=:all:", "--ignore-installed"]
+OFFLINE = ("Network is unreachable", "NewConnectionError", "Temporary failure in name resolution",
+           "Could not fetch URL", "ProxyError", "timed out")
+
+
+def _pip(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if r.returncode != 0 and any(s in r.stdout + r.stderr for s in OFFLINE):
+        pytest.skip("the package index is unreachable from here: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+    return r
+
+
+def test_runtime_extra_installs_on_jetpack5_python_3_8(tmp_path):
+    """``pip install --dry-run --python-version 3.8 --platform manylinux2014_aarch64
+    --only-binary=:all: 'edgeskin[runtime]'``, in two steps: pip evaluates environment markers
+    against the interpreter running it, not against --python-version (pip's
+    ``InstallRequirement.match_markers``), so the wheel's own requirements are evaluated for
+    CPython 3.8 on aarch64 here, then resolved with their dependencies for that target."""
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    r = _pip(["wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO_ROOT), "-w", str(tmp_path / "dist")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("edgeskin-*.whl"))
+    r = _pip(["install", "--dry-run", "--no-deps", *PIP_TARGET, str(wheel)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]  # Requires-Python admits 3.8
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode())
+    reqs = []
+    for line in meta.get_all("Requires-Dist"):
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({**JETPACK5, "extra": "runtime"}):
+            req.marker = None
+            reqs.append(str(req))
+    assert any(q.startswith("onnxruntime") for q in reqs) and not any(q.startswith("torch") for q in reqs)
+    r = _pip(["install", "--dry-run", *PIP_TARGET, "--report", str(tmp_path / "report.json"), *reqs], tmp_path)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2500:]
+    got = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+           for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert {"numpy", "pillow", "typer", "rich", "onnxruntime", "tomli"} <= set(got), got
+    assert got["onnxruntime"].startswith("1.16.")

@@ -43,6 +43,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -54,6 +55,9 @@ from typing import Any
 
 from ..errors import DataError
 from ..fileio import atomic_path, write_json
+
+#: checksums, not security: say so where hashlib takes it (Python 3.9+; the device side runs 3.8)
+_NOT_FOR_SECURITY: dict = {"usedforsecurity": False} if sys.version_info >= (3, 9) else {}
 from ..progress import NullReporter, Reporter
 
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails fast
@@ -211,7 +215,7 @@ def _algo(name: str | None) -> str | None:
 
 
 def _digest_file(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
+    h = hashlib.new(algorithm, **_NOT_FOR_SECURITY)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
