@@ -13,12 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import ConfigError, DataError, EdgeskinError
+from .errors import EXIT_CODES, ConfigError, DataError, EdgeskinError, exit_code_table
 
 app = typer.Typer(
     name="edgeskin",
     help="Take skin-lesion classifier ensembles to the edge: train, evaluate, distill, "
     "quantize and compile into bundles (cpu, jetson, tflite), bench them, predict on the device.",
+    epilog="Exit codes: " + exit_code_table(),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -41,10 +42,22 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
 ) -> None:
     """edgeskin: train, distill, quantize, compile and bench skin-lesion classifiers for devices."""
+    import os
+
     from rich.logging import RichHandler
 
+    from .quiet import QUIET_ENV, EdgeskinOnly
+
+    handler = RichHandler(console=err, show_path=False, show_time=False)
+    if not verbose:  # third-party INFO lines and warnings stay out of the way (--verbose shows them)
+        handler.addFilter(EdgeskinOnly())
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+                        handlers=[handler], force=True)
+    if not verbose:
+        for name in ("nncf", "torch", "litert_torch", "ai_edge_torch", "absl", "tensorflow", "jax"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------- shared helpers
@@ -415,6 +428,76 @@ def evaluate(
         out.print(f"wrote {json_out}")
 
 
+@app.command("import")
+def import_cmd(
+    sources: List[Path] = typer.Argument(..., help="Model files: .onnx, .keras/.h5, or .pt/.pth/.safetensors with --arch."),
+    output: Path = typer.Option(..., "--out", "-o", help="Ensemble folder to create, or to add to (a mixed ensemble)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="keras-resnet50 | keras-tf | torchvision | timm | edgeskin."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="A TOML file with the declaration (options below override it)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx | keras | timm | torchvision (default: from the file name)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="For a state_dict: timm:NAME or torchvision:NAME."),
+    name: Optional[str] = typer.Option(None, "--name", help="Member name (default: the file's stem)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Square input size the model takes."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Shorter side before the centre crop."),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic | nearest."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="NCHW | NHWC (default: from the model)."),
+    channel_order: Optional[str] = typer.Option(None, "--channel-order", help="RGB | BGR."),
+    input_range: Optional[float] = typer.Option(None, "--input-range", help="Pixels before normalisation: 1 (0-1) or 255 (0-255)."),
+    normalization: Optional[str] = typer.Option(None, "--normalization", help="meanstd | caffe | tf | none."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean (meanstd), e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (meanstd)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="What the model outputs: logits | probs."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="The model's classes in output order, NAME or NAME=ourclass, comma-separated."),
+    extra: Optional[List[str]] = typer.Option(None, "--extra", help="A class we do not have: NAME=drop or NAME=ourclass (merge). Repeatable."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Real images to check the members on. Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file; the check uses --on of it."),
+    on: str = typer.Option("val", "--on", help="Which split the check runs on."),
+    check_images: int = typer.Option(64, "--check-images", help="How many images of the split the check runs."),
+    label_set: str = typer.Option("ham10000", "--label-set", help="Our classes: ham10000 | binary."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the import report as JSON here."),
+) -> None:
+    """Import members trained anywhere (ONNX, Keras, timm, torchvision) into an ensemble folder.
+
+    Each member is run on real images first; nothing is written unless every member passes.
+    """
+    from .data import read_split
+    from .fileio import write_json
+    from .members.declare import Declaration, read_declaration
+    from .members.importer import import_members
+
+    extras = {}
+    for item in extra or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            raise ConfigError(f"--extra {item!r} is not NAME=drop or NAME=CLASS", "e.g. --extra SCC=akiec --extra UNK=drop")
+        extras[k.strip()] = v.strip()
+    said = Declaration(
+        preset=preset, size=size, resize=resize, interpolation=interpolation, layout=layout,
+        channel_order=channel_order, input_range=input_range, normalization=normalization,
+        mean=_floats(mean, 3, "--mean") if mean else None, std=_floats(std, 3, "--std") if std else None,
+        outputs=outputs, labels=tuple(x.strip() for x in labels.split(",")) if labels else None, extra=extras,
+        arch=arch, format=fmt, name=name)
+    decl = said.over(read_declaration(spec)) if spec is not None else said
+    ds = _load_data(data, None, False)
+    s = read_split(split_file) if split_file is not None else None
+    res = import_members(sources, output, decl, dataset=ds, split=s, split_name=on, check_images=check_images,
+                         labels=label_set, reporter=_reporter())
+    t = Table(title=f"imported into {res.out} (checked on {res.members[0]['images']} images of "
+                    f"{on if s is not None else 'the data set'})")
+    for col in ("member", "format", "top-1"):
+        t.add_column(col, justify="left" if col != "top-1" else "right")
+    for r in res.members:
+        t.add_row(r["name"], r["format"], _pct(r["accuracy"]))
+    if res.ensemble is not None:
+        t.add_row(f"ensemble ({len(res.ensemble['members'])} members)", "", _pct(res.ensemble["accuracy"]))
+    out.print(t)
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape_markup(w)}")
+    if json_out is not None:
+        write_json(json_out, {"out": str(res.out), "members": res.members, "ensemble": res.ensemble,
+                              "warnings": res.warnings})
+
+
 calib_app = typer.Typer(help="Calibration sets for INT8 quantization.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Inspect, verify and pack bundles.", no_args_is_help=True)
 app.add_typer(calib_app, name="calib")
@@ -569,18 +652,24 @@ def bench(
     max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points, e.g. top1=0.5,balanced=1.5,mel_recall=2 (overrides the profile's)."),
     max_latency: Optional[float] = typer.Option(None, "--max-latency", help="Largest batch-1 p90 latency in ms."),
     against: str = typer.Option("auto", help="Budgets compare each bundle with: auto (the FP32 student if given, else the ensemble) | student | ensemble."),
-    threads: Optional[int] = typer.Option(None, help="Runtime threads for every bundle."),
-    runs: int = typer.Option(50, help="Timed batch-1 runs per bundle (after warm-up)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Runtime threads for every bundle."),
+    min_samples: int = typer.Option(1000, "--min-samples", "--runs", min=1, help="Batch-1 timing: at least this many runs per row, model only and end to end (p99 is shown from 1000)."),
+    min_seconds: float = typer.Option(10.0, "--min-seconds", min=0.0, help="Batch-1 timing: and at least this many seconds per row."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column (the full table is always in report.md)."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto | tensorrt | onnxruntime (host proxy)."),
     compute_device: str = typer.Option("auto", "--compute-device", help="Where the ensemble and student rows are evaluated (fp32): auto | cpu | cuda | cuda:N. Latency is always measured on the host CPU."),
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Also write the reference predictions here (to bench on a device without torch)."),
     output: Path = typer.Option(Path("bench"), "--out", "-o", help="Folder for report.json, report.md and the plots."),
 ) -> None:
     """Bench bundles against the full-precision ensemble: accuracy, per-class recall, melanoma
-    sensitivity, flips with McNemar's test, bootstrap intervals, latency, memory; gated by budgets.
+    sensitivity, flips with McNemar's test, bootstrap intervals, latency (batch 1, model only and
+    end to end from an encoded image), memory; gated by budgets.
 
-    Exit code 4 when a budget is breached (the message names the row and the metric).
+    Exit code 3 when a row failed (compile, load or run), 4 when a budget is breached (the message
+    names the row and the metric); see `edgeskin --help` for every exit code.
     """
+    import tempfile
+
     from .bench import BenchBudget, BenchConfig, ReferencePredictions, compile_failed_row, run_bench
     from .bench.report import rich_table, write_reports
     from .data import read_split
@@ -592,11 +681,14 @@ def bench(
 
         profile = get_profile(device)
     budget = BenchBudget.parse(max_drop, max_latency, against=against, profile=profile)
+    config = BenchConfig(threads=threads, min_samples=min_samples, min_seconds=min_seconds, engine=engine)
+    exports = tempfile.TemporaryDirectory(prefix="edgeskin-reference-")
+    models = None
     if reference.suffix == ".npz" or reference.is_file():
         ref = ReferencePredictions.load(reference)
         split = None
     else:
-        from .bench import reference_from_models
+        from .bench import export_reference_models, reference_from_models
 
         # --on all: every image of --data (e.g. an ISIC 2018 ground-truth CSV, which has no split)
         split = None if on == "all" else read_split(_split_for(split_file, reference))
@@ -605,6 +697,7 @@ def bench(
         if save_reference:
             ref.save(save_reference)
             out.print(f"wrote reference predictions {save_reference} ({len(ref.image_ids)} images)")
+        models = export_reference_models(reference, student, exports.name)
     bundle_paths = list(bundles or [])
     extra_rows: list[dict[str, Any]] = []
     if targets_spec:
@@ -626,13 +719,23 @@ def bench(
                 bundle_paths.append(res.bundle)
             except EdgeskinError as exc:
                 extra_rows.append(compile_failed_row(name, prec, exc.message))
-    report = run_bench(ref, bundle_paths, dataset=ds, budget=budget,
-                       config=BenchConfig(threads=threads, runs=runs, engine=engine), extra_rows=extra_rows,
-                       reporter=_reporter())
-    out.print(rich_table(report))
+    try:
+        report = run_bench(ref, bundle_paths, dataset=ds, budget=budget, config=config, extra_rows=extra_rows,
+                           reporter=_reporter(), reference_models=models)
+    finally:
+        exports.cleanup()
+    out.print(rich_table(report, wide=wide))
     files = write_reports(report, output)
     out.print(f"wrote {files['json']}, {files['markdown']}" + (f", {', '.join(files['plots'])}" if files["plots"]
                                                                  else " (plots skipped: pip install 'edgeskin[bench]')"))
+    from .bench import failed_rows
+
+    failed = failed_rows(report)
+    if failed:
+        from .bench import RowFailed
+
+        raise RowFailed(f"{len(failed)} row(s) failed: " + "; ".join(failed),
+                        "see report.md; a bundle that cannot be loaded or run is never a pass")
     if report.breaches:
         from .bench import BudgetBreach
 
@@ -924,12 +1027,34 @@ def escape_markup(text: str) -> str:
     return escape(text)
 
 
+def _parser_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The command-line parser's usage-error and abort classes (typer vendors click as
+    ``typer._click`` in recent releases and uses the click package in older ones)."""
+    usage: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            import importlib
+
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.UsageError)
+        if hasattr(mod, "Abort"):
+            aborts.append(mod.Abort)
+    return tuple(usage), tuple(dict.fromkeys(aborts))
+
+
 def main() -> None:
-    """Console entry point: project errors become a message, a hint and exit code 2."""
+    """Console entry point. Every ending has its exit code (:data:`edgeskin.errors.EXIT_CODES`):
+    a user error (a project error, or an option the command line parser refuses) prints an
+    ``error:`` line and a ``hint:`` line; an interruption keeps finished work."""
     from .progress import stop_all
 
+    usage_errors, aborts = _parser_exceptions()
+
     try:
-        app()
+        rc = app(standalone_mode=False, prog_name="edgeskin")
     except EdgeskinError as exc:
         from rich.markup import escape
 
@@ -938,13 +1063,26 @@ def main() -> None:
         if exc.hint:
             err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, SystemExit) as exc:
+    except usage_errors as exc:  # a bad option or value, before the command runs
+        from rich.markup import escape
+
+        stop_all()
+        command = exc.ctx.command_path if exc.ctx is not None else "edgeskin"
+        err.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}")
+        err.print(f"[yellow]hint:[/yellow] see `{escape(command)} --help`")
+        sys.exit(EXIT_CODES["user error"])
+    except (KeyboardInterrupt, *aborts):
+        stop_all()
+        err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
+        sys.exit(EXIT_CODES["interrupted"])
+    except SystemExit as exc:
         # typer turns Ctrl-C into a silent exit with code 130
-        if isinstance(exc, SystemExit) and exc.code != 130:
+        if exc.code != 130:
             raise
         stop_all()
         err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
         sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,22 @@ def model_provenance(name: str, arch: str, sha256: str, config: dict[str, Any], 
     }
 
 
-def select_member(model: str | os.PathLike, member: str | None):  # noqa: ANN201
+def select_member(model: str | os.PathLike, member: str | None, *, target: str | None = None):  # noqa: ANN201
+    """The one member a bundle is made from. ``target="tflite"``: LiteRT converts torch models
+    only, so an imported ONNX (or Keras) member, or one whose classes must be mapped, is refused
+    with the route that works (distil it into a student first)."""
+    ck = _select_member(model, member)
+    if target == "tflite" and ck.source != "edgeskin" and not (
+            getattr(ck, "model", None) is not None and ck.class_map.is_identity):
+        raise CheckpointError(
+            f"{model}: member {ck.name} is an imported {ck.source} model; tflite bundles are converted from "
+            "torch models (litert-torch), and no maintained converter takes this member to LiteRT",
+            f"distil the ensemble into a student first (edgeskin distill --teacher {model} ...), then compile the "
+            "student for tflite; cpu and jetson take the member as it is")
+    return ck
+
+
+def _select_member(model: str | os.PathLike, member: str | None):  # noqa: ANN202
     from ..models import load_ensemble
 
     members = load_ensemble(Path(model))
@@ -86,8 +101,6 @@ def prepare(
     skip_bad: bool = False,
 ) -> Prepared:
     from ..export import export_onnx
-    from ..runtime.backends import OnnxRuntimeBackend
-    from ..runtime.predictor import softmax
 
     reporter = reporter or NullReporter()
     ck = select_member(model, member)
@@ -96,8 +109,59 @@ def prepare(
                               skip_bad=skip_bad)
     work = tempfile.TemporaryDirectory(prefix="edgeskin-compile-")
     onnx_path = Path(work.name) / "fp32.onnx"
+    if ck.source != "edgeskin":
+        try:
+            export = _imported_graph(ck, onnx_path, opset, x, reporter)
+        except BaseException:
+            work.cleanup()
+            raise
+        return _finish(ck, onnx_path, export, x, y, val, work, threads, reporter)
     reporter.message(f"exporting {ck.name} to ONNX (opset {opset})")
     res = export_onnx(ck.model, onnx_path, size=pre.size, opset=opset, check_inputs=x[:8])
+    return _finish(ck, onnx_path, {"opset": res.opset, "max_abs_logit_diff_vs_torch": res.max_abs_diff,
+                                   "checked_inputs": res.checked_inputs, "exporter": "torch.onnx (legacy)"},
+                   x, y, val, work, threads, reporter)
+
+
+def _imported_graph(ck: Any, onnx_path: Path, opset: int, x: np.ndarray, reporter: Reporter) -> dict[str, Any]:
+    """An imported member's graph for a bundle: ONNX is already the intermediate form (converted
+    down to ``opset`` where onnx's converter can); timm/torchvision members are exported first.
+    Checked against the member itself on validation images."""
+    import onnx
+
+    from ..members.onnx import bundle_graph
+    from ..runtime.predictor import softmax
+
+    if ck.config.get("runner") == "onnx":
+        src, outputs, out_name, how = ck.weights_path, ck.outputs, ck.output_name, f"imported {ck.source} graph"
+    else:
+        from ..export import export_onnx
+
+        src = onnx_path.with_name("exported.onnx")
+        reporter.message(f"exporting {ck.name} to ONNX (opset {opset})")
+        export_onnx(ck.model, src, size=ck.preprocess.size, opset=opset, check_inputs=x[:8])
+        outputs, out_name, how = "logits", None, "torch.onnx (legacy)"
+    reporter.message(f"taking {ck.name}'s ONNX graph to the bundle (opset <= {opset})")
+    proto, record = bundle_graph(src, outputs=outputs, class_map=ck.class_map, opset=opset, where=str(ck.path),
+                                 output_name=out_name)
+    onnx.save_model(proto, str(onnx_path))
+    from ..runtime.backends import OnnxRuntimeBackend
+
+    check = x[:8]
+    got = softmax(OnnxRuntimeBackend(onnx_path.read_bytes()).run(check))
+    want = ck.probs(check)
+    diff = float(np.max(np.abs(got - want))) if len(check) else 0.0
+    if diff > 1e-3:
+        raise CheckpointError(f"{ck.path}: the bundle's graph differs from the member by {diff:.3g} on validation images",
+                              "re-export the model at the target's opset and import it again")
+    return {**record, "exporter": how, "max_abs_prob_diff_vs_member": diff, "checked_inputs": int(len(check))}
+
+
+def _finish(ck: Any, onnx_path: Path, export: dict[str, Any], x: np.ndarray, y: np.ndarray, val: Any,
+            work: tempfile.TemporaryDirectory, threads: int | None, reporter: Reporter) -> Prepared:
+    from ..runtime.backends import OnnxRuntimeBackend
+    from ..runtime.predictor import softmax
+
     backend = OnnxRuntimeBackend(onnx_path.read_bytes(), threads=threads)
     reporter.start("FP32 reference on the validation split", len(x))
     logits = []
@@ -106,9 +170,7 @@ def prepare(
         reporter.advance(len(x[s : s + 16]))
     reporter.stop()
     probs = softmax(np.concatenate(logits))
-    return Prepared(ck.name, ck.config["arch"], ck.sha256, labels, pre, ck.config, onnx_path,
-                    {"opset": res.opset, "max_abs_logit_diff_vs_torch": res.max_abs_diff,
-                     "checked_inputs": res.checked_inputs, "exporter": "torch.onnx (legacy)"},
+    return Prepared(ck.name, ck.config["arch"], ck.sha256, ck.labels, ck.preprocess, ck.config, onnx_path, export,
                     x, y, [s.image_id for s in val.samples], probs, work)
 
 

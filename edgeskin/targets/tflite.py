@@ -194,7 +194,7 @@ class TfliteTarget(Target):
             raise ConfigError(f"device {profile.name} is a {profile.target} device, not a phone",
                               f"pass --target {profile.target}, or another --device")
         self.check_device_precision(profile, precision)
-        ck = select_member(model, member)
+        ck = select_member(model, member, target="tflite")
         pre, labels = ck.preprocess, ck.labels
         val, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
                                           reporter=reporter)

@@ -102,20 +102,36 @@ def distillation_loss(
 
 
 class Teacher:
-    """The frozen ensemble (mean of its members' softmax). It never receives gradients.
+    """The frozen ensemble (mean of its members' probabilities). It never receives gradients.
 
     It runs on ``compute``'s device in fp32, the precision ``evaluate`` and ``bench`` use for the
     reference ensemble (on CUDA: cuDNN's TF32 convolutions, PyTorch's default), so the teacher a
-    student learns from is the ensemble the student is measured against."""
+    student learns from is the ensemble the student is measured against.
 
-    def __init__(self, members: Sequence[Checkpoint], *, compute: Compute = CPU) -> None:
+    ``view``: the preprocessing the batches given to :meth:`probs` were made with (the student's).
+    Every member sees that same view through its own preprocessing (channel order, scaling,
+    normalisation, layout; resized when its input size differs). ONNX members run in ONNX Runtime
+    (on the GPU with onnxruntime-gpu). When every member is an edgeskin checkpoint with the
+    student's preprocessing, ``model`` is the one torch module of them all."""
+
+    def __init__(self, members: Sequence[Any], *, compute: Compute = CPU,
+                 view: PreprocessConfig | None = None) -> None:
         if not members:
             raise CheckpointError("the teacher has no members", "pass an ensemble folder")
         self.members = list(members)
         self.compute = compute
-        self.model = Ensemble([m.model for m in members]).eval().to(compute.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.view = view or self.members[0].preprocess
+        self.model: nn.Module | None = None
+        if all(m.source == "edgeskin" and m.preprocess == self.view for m in self.members):
+            self.model = Ensemble([m.model for m in members]).eval().to(compute.device)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        else:
+            for m in self.members:
+                if isinstance(getattr(m, "model", None), nn.Module):
+                    m.model.eval().to(compute.device)
+                    for p in m.model.parameters():
+                        p.requires_grad_(False)
 
     @property
     def precision(self) -> str:
@@ -123,7 +139,8 @@ class Teacher:
 
     @property
     def hashes(self) -> list[dict[str, str]]:
-        return [{"name": m.name, "sha256": m.sha256} for m in self.members]
+        return [{"name": m.name, "sha256": m.sha256, **({} if m.source == "edgeskin" else {"source": m.source})}
+                for m in self.members]
 
     @property
     def digest(self) -> str:
@@ -132,9 +149,48 @@ class Teacher:
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities (N, C) for a batch, on the batch's device; no graph is recorded."""
-        self.model.eval()
+        if self.model is not None:
+            self.model.eval()
+            with torch.no_grad():
+                return self.model(x.to(self.compute.device).float()).float().to(x.device)
+        from ..members import convert_view
+
+        xs = x.to(self.compute.device).float()
+        out = []
         with torch.no_grad():
-            return self.model(x.to(self.compute.device).float()).float().to(x.device)
+            for m in self.members:
+                xm = convert_view(xs, self.view, m.preprocess)
+                if m.source == "edgeskin":
+                    out.append(torch.softmax(m.model(xm).float(), dim=1))
+                else:
+                    p = m.probs(xm.cpu().numpy(), batch_size=max(1, len(xm)), device=self.compute)
+                    out.append(torch.from_numpy(np.asarray(p, dtype=np.float32)).to(xs.device))
+        return torch.stack(out).mean(dim=0).float().to(x.device)
+
+    def predict(self, x: np.ndarray, *, batch_size: int = 64, progress: Any = None) -> np.ndarray:
+        """(N, C) probabilities for a numpy batch made with ``view``."""
+        out = []
+        for s in range(0, len(x), batch_size):
+            out.append(self.probs(torch.from_numpy(np.ascontiguousarray(x[s : s + batch_size]))).cpu().numpy())
+            if progress is not None:
+                progress(len(out[-1]))
+        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+
+    def release(self) -> None:
+        """Back to the CPU (latency is a host measurement)."""
+        if self.model is not None:
+            self.model.cpu()
+        for m in self.members:
+            m.release()
+
+    def inference(self) -> Any:
+        """What latency measurements time: the torch module, or (mixed or imported members) a
+        function of a numpy batch."""
+        if self.model is not None:
+            return self.model
+        from ..members import ensemble_fn
+
+        return ensemble_fn(self.members, self.view)
 
 
 def teacher_cache_key(teacher: Teacher, arrays: Sequence[np.ndarray], pre: PreprocessConfig) -> str:
@@ -256,12 +312,14 @@ def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.nd
 
 # ---------------------------------------------------------------- report
 
-def latency_pair(teacher: nn.Module, student: nn.Module, size: int, *, runs: int = 30,
+def latency_pair(teacher: Any, student: nn.Module, size: int, *, runs: int = 30,
                  warmup: int = 5, threads: int | None = None) -> dict[str, Any]:
     """Batch-1 host latency of teacher and student, interleaved in one run per engine: torch
     FP32 and ONNX Runtime FP32 (the engine the host bundle runs; both models exported to one
     graph each, the teacher's three members and their mean softmax inside one graph). The
-    ONNX Runtime part is skipped, with a note, when onnx or onnxruntime is not installed."""
+    ONNX Runtime part is skipped, with a note, when onnx or onnxruntime is not installed.
+    ``teacher``: a torch module, or a function of a numpy batch (an ensemble with imported
+    members, timed as its members run: the "torch" row, no ONNX Runtime row)."""
     import tempfile
 
     from ..bench.latency import interleaved_latency
@@ -277,12 +335,15 @@ def latency_pair(teacher: nn.Module, student: nn.Module, size: int, *, runs: int
     if threads:
         torch.set_num_threads(threads)
     try:
-        stats = interleaved_latency({"teacher": inference_fn(teacher), "student": inference_fn(student)}, x,
+        tfn = inference_fn(teacher) if isinstance(teacher, nn.Module) else teacher
+        stats = interleaved_latency({"teacher": tfn, "student": inference_fn(student)}, x,
                                     runs=runs, warmup=warmup)
         out: dict[str, Any] = {"torch": summary(f"torch {torch.__version__} fp32", stats, torch.get_num_threads())}
     finally:
         torch.set_num_threads(old_threads)
     try:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError("the teacher has imported members; its row above times them as they run")
         from ..export import export_onnx
         from ..runtime.backends import OnnxRuntimeBackend
 
@@ -359,18 +420,20 @@ def distill(
     compute = compute or resolve_compute("cpu", bf16=cfg.train.bf16)
     rank, _ = dist_info()
     members = load_ensemble(Path(teacher_path))
-    labels, pre = members[0].labels, members[0].preprocess
-    t = cfg.train.with_(size=pre.size, resize=pre.resize, labels=labels.name)
-    if t.preprocess != pre:
-        raise ConfigError(
-            f"{teacher_path}: the teacher's preprocessing ({pre.to_dict()}) is not one a student can be "
-            "trained with here", "train the teacher with edgeskin's default normalisation")
-    teacher = Teacher(members, compute=compute)
+    labels, first = members[0].labels, members[0].preprocess
+    # the student gets edgeskin's own preprocessing at the (first) teacher member's size; each
+    # member sees the student's view through its own preprocessing
+    t = cfg.train.with_(size=first.size, resize=first.resize, labels=labels.name)
+    pre = t.preprocess
+    teacher = Teacher(members, compute=compute, view=pre)
     out = Path(out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier()
 
+    from .loop import check_validation
+
+    check_validation(len(split.apply(dataset, "val").samples), labels, split.source or "the split")
     train_set, train_arrays = decode_with_progress(split.apply(dataset, "train"), pre, what="training",
                                                    reporter=reporter, skip_bad=skip_bad)
     val_set, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
@@ -444,11 +507,13 @@ def distill(
                                    t.eval_batch_size, latency_runs, reporter, skip_bad, initialisation, run_cfg,
                                    latency_threads, compute)
             write_json(report_path, report)
+        if report.get("split") == report_split:  # also on the skip path: the JSON always carries them
             meta = json.loads(res.checkpoint.read_text())
-            meta.setdefault("metrics", {})[report_split] = report["student"]
-            meta["metrics"][f"{report_split}_vs_teacher"] = {
-                k: report[k] for k in ("top1_agreement", "drops_points", "latency") if k in report}
-            write_json(res.checkpoint, meta)
+            metrics = {report_split: report["student"], f"{report_split}_vs_teacher": {
+                k: report[k] for k in ("top1_agreement", "drops_points", "latency") if k in report}}
+            if any(meta.get("metrics", {}).get(k) != v for k, v in metrics.items()):
+                meta.setdefault("metrics", {}).update(metrics)
+                write_json(res.checkpoint, meta)
     _barrier()
     return DistillResult(res.checkpoint, res.best_epoch, res.best_score, initialisation,
                          None if cache is None else str(cache.path), report, res.skipped, res.history)
@@ -464,13 +529,12 @@ def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: S
     _, x, y = load_eval_set(split.apply(dataset, split_name), pre, labels, what=split_name, reporter=reporter,
                             skip_bad=skip_bad)
     reporter.start(f"teacher on the {split_name} split", len(x))
-    tp = predict_probs(teacher.model, x, batch_size=batch_size, outputs="probs", progress=reporter.advance,
-                       device=compute.device)
+    tp = teacher.predict(x, batch_size=batch_size, progress=reporter.advance)
     reporter.stop()
     reporter.start(f"student on the {split_name} split", len(x))
     sp = predict_probs(student.model, x, batch_size=batch_size, progress=reporter.advance, device=compute.device)
     reporter.stop()
-    teacher.model.cpu()  # latency is a host measurement
+    teacher.release()  # latency is a host measurement
     student.model.cpu()
     report = compare_report(tp, sp, y, labels, split_name)
     report.update({"student_arch": cfg.train.arch, "student_sha256": student.sha256,
@@ -478,7 +542,7 @@ def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: S
                    "temperature": cfg.temperature, "alpha": cfg.alpha})
     if latency_runs > 0:
         reporter.message(f"timing teacher vs student (batch 1, {latency_runs} interleaved runs)")
-        report["latency"] = latency_pair(teacher.model, student.model, pre.size, runs=latency_runs,
+        report["latency"] = latency_pair(teacher.inference(), student.model, pre.size, runs=latency_runs,
                                          threads=latency_threads)
     return report
 

@@ -1,0 +1,367 @@
+"""Bring your own ensemble: members imported from ONNX, Keras and timm, mixed with edgeskin's own,
+used by evaluate, distill, bench and compile.
+
+Every fidelity test uses a model whose predictions depend on the image (a trained reference
+member, a briefly trained Keras ResNet50) and compares edgeskin with a pipeline written
+independently of it (torchvision transforms, or Keras' own preprocess_input and predict).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from _bundles import run_cli
+from edgeskin.errors import CheckpointError, ConfigError, EdgeskinError
+from edgeskin.preprocess import CAFFE_MEAN, IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, normalize
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------- helpers
+
+class Convention(nn.Module):
+    """Wraps a network that takes edgeskin's input (NCHW, RGB, 0-1, ImageNet mean/std) behind
+    another framework's input convention, so the exported graph expects that convention."""
+
+    def __init__(self, net: nn.Module, *, layout: str = "NCHW", order: str = "RGB", mode: str = "meanstd",
+                 softmax: bool = False) -> None:
+        super().__init__()
+        self.net, self.layout, self.order, self.mode, self.softmax = net, layout, order, mode, softmax
+        self.register_buffer("caffe", torch.tensor(CAFFE_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        if self.mode == "caffe":  # x = pixels (0-255) in the channel order, minus the BGR means
+            pix = x + (self.caffe if self.order == "BGR" else self.caffe.flip(1))
+        elif self.mode == "tf":
+            pix = (x + 1.0) * 127.5
+        else:  # torchvision: (pixels/255 - mean) / std in the channel order
+            m, s = (self.mean, self.std) if self.order == "RGB" else (self.mean.flip(1), self.std.flip(1))
+            pix = (x * s + m) * 255.0
+        if self.order == "BGR":
+            pix = pix.flip(1)
+        y = self.net((pix / 255.0 - self.mean) / self.std)
+        return torch.softmax(y, dim=1) if self.softmax else y
+
+
+class TinyNet(nn.Module):
+    """A small CNN (edgeskin's input convention) for plumbing tests."""
+
+    def __init__(self, classes: int = 7, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x)) * 5.0
+
+
+def export(net: nn.Module, path: Path, size: int, *, layout: str = "NCHW", opset: int = 17,
+           name: str = "image") -> Path:
+    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    torch.onnx.export(net.eval(), torch.zeros(shape), str(path), input_names=[name], output_names=["out"],
+                      dynamic_axes={name: {0: "n"}, "out": {0: "n"}}, opset_version=opset, dynamo=False)
+    return path
+
+
+def torchvision_probs(net: nn.Module, paths: list[Path], size: int, resize: int) -> np.ndarray:
+    """The independent pipeline: PIL + torchvision transforms + the torch network + softmax."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        return torch.softmax(net.eval()(x), dim=1).double().numpy()
+
+
+def import_api(sources, out, *, data, split=None, on="val", n=24, **decl):
+    from edgeskin.data import load_dataset, read_split
+    from edgeskin.members.declare import Declaration
+    from edgeskin.members.importer import import_members
+
+    ds = load_dataset(data)
+    s = read_split(split) if split is not None else None
+    return import_members([str(p) for p in sources], out, Declaration(**decl), dataset=ds, split=s, split_name=on,
+                          check_images=n)
+
+
+def first_val(data: Path, split: Path, n: int):
+    """The first ``n`` validation samples (a small data set, in the split's order)."""
+    from edgeskin.data import load_dataset, read_split
+
+    sub = read_split(split).apply(load_dataset(data), "val")
+    return replace(sub, samples=sub.samples[:n])
+
+
+def nothing_written(parent: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.import-")]
+
+
+# ---------------------------------------------------------------- the pipeline (no models)
+
+def test_default_preprocessing_is_written_and_read_as_before():
+    pre = PreprocessConfig(size=112)
+    d = pre.to_dict()
+    assert not {"channel_order", "input_range", "normalization"} & set(d)  # old manifests, same bytes
+    assert d["rule"].endswith("centre crop 112x112, /255, normalise with mean/std")
+    old = {k: v for k, v in d.items() if k != "rule"}
+    assert PreprocessConfig.from_dict(old) == pre
+    caffe = PreprocessConfig.with_normalization("caffe", size=112, channel_order="BGR", layout="NHWC")
+    assert PreprocessConfig.from_dict(caffe.to_dict()) == caffe
+    with pytest.raises(ConfigError, match="caffe"):
+        PreprocessConfig(size=112, normalization="caffe")  # the mode's numbers must be there
+    with pytest.raises(ConfigError, match="channel order"):
+        PreprocessConfig(size=112, channel_order="GBR")
+
+
+def test_caffe_and_tf_modes_match_keras_preprocess_input_written_out():
+    """keras.applications.imagenet_utils.preprocess_input, by hand: caffe flips RGB->BGR and
+    subtracts the BGR means; tf scales to -1..1."""
+    arr = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    x = arr.astype(np.float64)
+    caffe = normalize(arr, PreprocessConfig.with_normalization("caffe", size=8, channel_order="BGR", layout="NHWC"))
+    np.testing.assert_allclose(caffe, x[..., ::-1] - np.array([103.939, 116.779, 123.68]), atol=1e-4)
+    tf = normalize(arr, PreprocessConfig.with_normalization("tf", size=8, layout="NHWC"))
+    np.testing.assert_allclose(tf, x / 127.5 - 1.0, atol=1e-5)
+    chw = normalize(arr, PreprocessConfig(size=8))
+    np.testing.assert_allclose(chw, ((x / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), atol=1e-5)
+
+
+def test_class_maps_rename_drop_merge_and_refuse():
+    from edgeskin.labels import HAM10000
+    from edgeskin.members import build_class_map
+
+    isic = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    cm = build_class_map(isic, HAM10000, rename={"AK": "akiec"}, extra={"SCC": "akiec", "UNK": "drop"})
+    p = np.array([[0.1, 0.2, 0.1, 0.05, 0.1, 0.05, 0.1, 0.1, 0.2]])
+    q = cm.apply(p)
+    assert q.sum() == pytest.approx(1.0)
+    assert q[0, HAM10000.index("akiec")] == pytest.approx((0.05 + 0.1) / 0.8)  # merged, renormalised
+    assert cm.to_dict()["dropped"] == ["UNK"]
+    with pytest.raises(ConfigError, match="SCC, UNK") as e:  # extra classes nobody mapped
+        build_class_map(isic, HAM10000, rename={"AK": "akiec"})
+    assert "--extra SCC=drop" in e.value.hint
+    with pytest.raises(ConfigError, match="akiec"):  # one of ours missing
+        build_class_map(["bcc", "bkl", "df", "mel", "nv", "vasc", "x"], HAM10000, extra={"x": "drop"})
+    with pytest.raises(ConfigError, match="more than once"):
+        build_class_map(["akiec", "bcc", "bkl", "df", "mel", "nv", "nv"], HAM10000)
+
+
+# ---------------------------------------------------------------- bad inputs: a clear error, nothing written
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-onnx")
+    net = TinyNet()
+    return {"net": net, "nchw": export(Convention(net), d / "tiny.onnx", 32),
+            "keras": export(Convention(net, layout="NHWC", order="BGR", mode="caffe", softmax=True),
+                            d / "tiny_keras.onnx", 32, layout="NHWC"),
+            "dir": d}
+
+
+def test_wrong_class_lists_are_refused_and_nothing_is_written(tiny_ham, tiny_onnx, tmp_path):
+    out = tmp_path / "ens"
+    with pytest.raises(ConfigError, match="vasc") as e:  # one of ours is missing
+        import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32,
+                   labels=("akiec", "bcc", "bkl", "df", "mel", "nv", "scc"), extra={"scc": "drop"})
+    assert "tiny.onnx" in str(e.value) and e.value.hint
+    nothing_written(tmp_path, out)
+    with pytest.raises(ConfigError, match="more than once"):
+        import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32,
+                   labels=("akiec", "bcc", "bkl", "df", "mel", "nv", "NV"))
+    with pytest.raises(ConfigError, match="6 classes but the model has 7 outputs"):
+        import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32,
+                   labels=("akiec", "bcc", "bkl", "df", "mel", "nv"))
+    nothing_written(tmp_path, out)
+
+
+def test_mismatched_input_size_is_refused(tiny_ham, tiny_onnx, tmp_path):
+    out = tmp_path / "ens"
+    r = run_cli("import", str(tiny_onnx["nchw"]), "--out", str(out), "--preset", "torchvision", "--size", "48",
+                "--data", str(tiny_ham))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "mismatched input size: declared 48 but the model's own input is 32x32" in r.stderr
+    assert "tiny.onnx" in r.stderr and "--size 32" in r.stderr
+    nothing_written(tmp_path, out)
+
+
+def test_nan_constant_and_non_probability_outputs_are_refused(tiny_ham, tiny_onnx, tmp_path):
+    class Nan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyNet()
+
+        def forward(self, x):
+            return self.net(x) * torch.sqrt(x.mean() - 1e6)  # sqrt of a negative number: NaN
+
+    class Constant(nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 7) + x.mean() * 0.0 + torch.arange(7.0)
+
+    d = tmp_path / "models"
+    d.mkdir()
+    out = tmp_path / "ens"
+    with pytest.raises(CheckpointError, match="NaN") as e:
+        import_api([export(Nan(), d / "nan.onnx", 32)], out, data=tiny_ham, preset="torchvision", size=32)
+    assert "nan.onnx" in str(e.value)
+    with pytest.raises(CheckpointError, match="same output for every image"):
+        import_api([export(Constant(), d / "const.onnx", 32)], out, data=tiny_ham, preset="torchvision", size=32)
+    with pytest.raises(CheckpointError, match="do not sum to 1") as e:  # logits declared as probabilities
+        import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32, outputs="probs")
+    assert "--outputs logits" in e.value.hint
+    nothing_written(tmp_path, out)
+
+
+def test_corrupt_files_are_refused(tiny_ham, tiny_onnx, tmp_path):
+    d = tmp_path / "models"
+    d.mkdir()
+    cut = d / "cut.onnx"
+    cut.write_bytes(tiny_onnx["nchw"].read_bytes()[:700])
+    junk = d / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    out = tmp_path / "ens"
+    with pytest.raises(CheckpointError, match="cut.onnx: not a readable ONNX model"):
+        import_api([cut], out, data=tiny_ham, preset="torchvision", size=32)
+    r = run_cli("import", str(junk), "--arch", "timm:resnet18", "--out", str(out), "--size", "32",
+                "--data", str(tiny_ham))
+    assert r.returncode == 2 and "junk.safetensors: cannot read the checkpoint" in r.stderr, r.stderr
+    nothing_written(tmp_path, out)
+
+
+def test_a_failing_member_leaves_an_existing_ensemble_as_it_was(tiny_ham, tiny_onnx, tmp_path):
+    out = tmp_path / "ens"
+    import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32, name="a")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match="mismatched input size"):
+        import_api([tiny_onnx["keras"]], out, data=tiny_ham, preset="keras-resnet50", size=40, name="b")
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(ConfigError, match="already has a member named 'a'"):
+        import_api([tiny_onnx["keras"]], out, data=tiny_ham, preset="keras-resnet50", name="a")
+
+
+# ---------------------------------------------------------------- a trained reference member behind a foreign input
+
+N_VAL = 16  # validation images the fidelity checks run on (a ResNet50 at 112 px each, on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def ref(reference_model, ham_data, tmp_path_factory):
+    """The reference ensemble's members, member0 exported behind Keras' input convention (NHWC,
+    BGR, caffe, softmax) and member2 behind torchvision's at another size (128 px, logits)."""
+    from edgeskin.models import load_ensemble
+
+    d = tmp_path_factory.mktemp("ref-onnx")
+    members = load_ensemble(reference_model)
+    m0, m1, m2 = (m.model for m in members)
+    keras0 = export(Convention(m0, layout="NHWC", order="BGR", mode="caffe", softmax=True), d / "keras0.onnx", 112,
+                    layout="NHWC")
+    tv2 = export(Convention(m2), d / "tv2.onnx", 128, name="pixel_values")
+    sub = first_val(ham_data, reference_model / "split.csv", N_VAL)
+    return {"members": members, "keras0": keras0, "tv2": tv2, "dir": d, "sub": sub,
+            "paths": [Path(s.path) for s in sub.samples], "split": reference_model / "split.csv"}
+
+
+@pytest.mark.reference
+def test_trained_member_behind_keras_input_matches_its_own_probabilities(ref, ham_data, tmp_path):
+    from edgeskin.evaluate import evaluate
+    from edgeskin.metrics import classification_report
+
+    res = import_api([ref["keras0"]], tmp_path / "k", data=ham_data, split=ref["split"], n=32,
+                     preset="keras-resnet50", resize=128)
+    assert not res.warnings
+    manifest = json.loads((tmp_path / "k" / "keras0.json").read_text())
+    assert manifest["preprocess"]["channel_order"] == "BGR" and manifest["preprocess"]["normalization"] == "caffe"
+    assert manifest["input"]["layout"] == "NHWC" and manifest["input"]["size"] == 112  # from the graph
+    assert manifest["source"]["sha256"] == manifest["sha256"] and manifest["check"]["images"] == 32
+
+    ev = evaluate(tmp_path / "k", dataset=ref["sub"], split=None)
+    want = torchvision_probs(ref["members"][0].model, ref["paths"], 112, 128)
+    got = ev.probs["keras0"]
+    diff = float(np.max(np.abs(got - want)))
+    print(f"reference member0 behind NHWC/BGR/caffe ONNX: max abs prob diff {diff:.2e}")
+    assert diff < 1e-4
+    y = ev.targets
+    assert ev.reports["keras0"]["top1"] == classification_report(want, y, ev.labels.codes)["top1"]
+
+    # negative control: the same file declared RGB must not match, and import says so with both numbers
+    bad = import_api([ref["keras0"]], tmp_path / "rgb", data=ham_data, split=ref["split"], n=32,
+                     preset="keras-resnet50", resize=128, channel_order="RGB")
+    assert len(bad.warnings) == 1
+    check = bad.members[0]["check"]
+    declared, swapped = check["accuracy"], check["accuracy_channels_swapped"]["BGR"]
+    print(f"negative control (declared RGB): accuracy {100 * declared:.1f}% vs {100 * swapped:.1f}% with BGR")
+    assert f"{100 * declared:.1f}%" in bad.warnings[0] and f"{100 * swapped:.1f}%" in bad.warnings[0]
+    assert swapped - declared >= 0.10
+    wrong = evaluate(tmp_path / "rgb", dataset=ref["sub"], split=None).probs["keras0"]
+    assert float(np.max(np.abs(wrong - want))) > 0.05
+
+
+@pytest.mark.reference
+def test_mixed_ensemble_is_the_mean_of_members_each_with_its_own_preprocessing(ref, ham_data, tmp_path):
+    """One edgeskin member (112 px) and two ONNX members (Keras convention at 112 px, torchvision
+    convention at 128 px) as evaluate, `bench --reference` and the distillation teacher see them."""
+    from edgeskin.bench import reference_from_models
+    from edgeskin.evaluate import evaluate
+    from edgeskin.labels import HAM10000
+    from edgeskin.models import save_checkpoint
+
+    ens = tmp_path / "mixed"
+    save_checkpoint(ref["members"][1].model, ens / "a_member1", arch="resnet50", labels=HAM10000,
+                    preprocess=PreprocessConfig(size=112, resize=128), dropout=0.3)
+    import_api([ref["keras0"]], ens, data=ham_data, split=ref["split"], n=8, preset="keras-resnet50",
+               resize=128, name="b_keras0")
+    res = import_api([ref["tv2"]], ens, data=ham_data, split=ref["split"], n=8, preset="torchvision",
+                     resize=146, name="c_tv2")
+    assert res.ensemble is not None and res.ensemble["members"] == ["a_member1", "b_keras0", "c_tv2"]
+
+    nets = [m.model for m in ref["members"]]
+    want = {"a_member1": torchvision_probs(nets[1], ref["paths"], 112, 128),
+            "b_keras0": torchvision_probs(nets[0], ref["paths"], 112, 128),
+            "c_tv2": torchvision_probs(nets[2], ref["paths"], 128, 146)}
+    mean = np.mean(list(want.values()), axis=0)
+    ev = evaluate(ens, dataset=ref["sub"], split=None)
+    for k, p in want.items():
+        assert float(np.max(np.abs(ev.probs[k] - p))) < 1e-4, k
+    assert float(np.max(np.abs(ev.probs["ensemble"] - mean))) < 1e-4
+
+    rp = reference_from_models(ens, dataset=ref["sub"], split=None, split_name="all")  # what bench --reference runs
+    assert float(np.max(np.abs(rp.probs["ensemble"] - mean))) < 1e-4
+    assert [m["name"] for m in rp.info["members"]] == ["a_member1", "b_keras0", "c_tv2"]
+
+    # the distillation teacher: every member sees the student's view through its own preprocessing
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    from edgeskin.data import eval_tensors
+    from edgeskin.preprocess import load_resized
+    from edgeskin.models import load_ensemble
+    from edgeskin.train.distill import Teacher
+
+    view = PreprocessConfig(size=112, resize=128)
+    teacher = Teacher(load_ensemble(ens), view=view)
+    assert teacher.model is None  # not one torch module: members run as they are
+    x = eval_tensors([load_resized(p, view) for p in ref["paths"][:8]], view)
+    got = teacher.probs(torch.from_numpy(x)).numpy()
+    crop = T.Compose([T.Resize(128), T.CenterCrop(112), T.ToTensor()])
+    views = torch.stack([crop(Image.open(p).convert("RGB")) for p in ref["paths"][:8]])
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    with torch.inference_mode():
+        p1 = torch.softmax(nets[1].eval()(norm(views)), 1)
+        p0 = torch.softmax(nets[0].eval()(norm(views)), 1)
+        p2 = torch.softmax(nets[2].eval()(norm(TF.resize(views, [128, 128], antialias=True))), 1)
+    np.testing.assert_allclose(got, ((p0 + p1 + p2) / 3).numpy(), atol=1e-4)
