@@ -277,3 +277,23 @@ def test_load_copied_bundle_anywhere(built, tmp_path, fp32, images):
     moved = Path(shutil.copytree(built.fp32, tmp_path / "elsewhere" / "renamed.edgeskin"))
     p = load(moved)
     np.testing.assert_array_equal(p.predict(images[0]).probs, fp32.predict(images[0]).probs)
+
+
+def test_a_backend_answering_for_fewer_images_is_an_error_not_a_shift(built, images):
+    """zip() would silently attach the answers to the wrong images (a TensorRT context that ran
+    only the first N images did exactly that)."""
+    from edgeskin.errors import EdgeskinError
+
+    with load(built.fp32) as pred:
+        real = pred.backend
+
+        class Short:
+            name, version = "short", "0"
+
+            def run(self, x):
+                return real.run(x)[:-1]
+
+        pred.backend = Short()
+        with pytest.raises(EdgeskinError, match="outputs"):
+            pred.predict(list(images[:3]))
+        pred.backend = real
