@@ -586,10 +586,13 @@ class Builder:
         if config.default_device_type == DeviceType.DLA:
             if self.num_DLA_cores == 0 or not 0 <= config.DLA_core < self.num_DLA_cores:
                 return self._error(f"DLA core {config.DLA_core} requested; this device has {self.num_DLA_cores}")
-            for name, (lo, opt, hi) in shapes.items():
-                if not (lo == opt == hi):  # [DLA] no dynamic dimensions on the DLA
-                    return self._error(f"DLA needs static shapes: profile of {name} is {lo}/{opt}/{hi}")
-            dla = int(config.DLA_core)
+            dynamic = [n for n, (lo, opt, hi) in shapes.items() if not (lo == opt == hi)]
+            if dynamic and "GPU_FALLBACK" not in config.flags:  # [DLA] no dynamic dimensions on the DLA
+                return self._error(f"DLA needs static shapes: the profile of {dynamic[0]} is not min = opt = max")
+            if dynamic:  # [DLA] with GPU fallback, what the DLA cannot take runs on the GPU
+                self.logger.log(Severity.WARNING, "dynamic shapes: the network runs on the GPU, not the DLA")
+            else:
+                dla = int(config.DLA_core)
         if network.strongly_typed:  # [TYPING] float tensors run in the precision the graph gives them
             float_precision = "fp16" if "FLOAT16" in network.float_types else "fp32"
         else:
@@ -801,7 +804,9 @@ def _module(name: str, attrs: dict[str, Any], package: bool = False) -> types.Mo
     mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=package)
     if package:
         mod.__path__ = []  # type: ignore[attr-defined]
-    mod.__file__ = __file__
+    # no __file__: inspect.getmodule() caches files by module name, and a name that later maps
+    # back to a real namespace package (cuda) must not look like a moved file
+    mod.__tensorrt_double__ = True  # type: ignore[attr-defined]
     return mod
 
 
@@ -875,7 +880,7 @@ def install(version: str = "10.3", *, board: str = "orin-nano") -> dict[str, typ
 def uninstall() -> None:
     """Remove the double's modules and put back what :func:`install` hid."""
     for name in [n for n in sys.modules if n.split(".")[0] in ("tensorrt", "cuda")]:
-        if getattr(sys.modules[name], "__file__", None) == __file__:
+        if getattr(sys.modules[name], "__tensorrt_double__", False):
             del sys.modules[name]
     sys.modules.update(_HIDDEN)
     _HIDDEN.clear()

@@ -377,10 +377,9 @@ def contract_build(trt, model: bytes, *, lo=1, opt=1, hi=8, dla: int | None = No
     config = builder.create_builder_config()
     for f in flags:
         config.set_flag(getattr(trt.BuilderFlag, f))
-    if dla is not None:
+    if dla is not None:  # no GPU fallback: a layer the DLA cannot take fails the build
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     profile = builder.create_optimization_profile()
     profile.set_shape("input", (lo, 3, 8, 8), (opt, 3, 8, 8), (hi, 3, 8, 8))
     config.add_optimization_profile(profile)
@@ -625,11 +624,13 @@ def test_dla_builds_static_shapes_only_where_the_profile_has_a_dla(double, jetso
     from edgeskin.runtime.tensorrt import build_engine
 
     assert jetson_fp16.manifest.engine["dla"] is True and jetson_fp16.manifest.engine["dla_cores"] == 2
-    double("10.3", board="orin-nx-16")
+    trt = double("10.3", board="orin-nx-16")
     bundle = _bundle_copy(jetson_fp16.bundle, tmp_path)
     gpu = build_engine(bundle)
     dla = build_engine(bundle, dla=0)
     assert dla["batch"] == {"min": 1, "opt": 1, "max": 1} and gpu["batch"]["max"] == 8
+    plan = trt.Runtime(trt.Logger()).deserialize_cuda_engine((bundle / dla["file"]).read_bytes())
+    assert plan.header["dla_core"] == 0  # on the DLA, not fallen back to the GPU
     x = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
     want = _proxy_probs(bundle, x)
     with load(bundle, dla_core=0) as pred:  # the DLA engine, not refused, static batch 1
