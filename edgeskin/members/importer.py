@@ -149,8 +149,12 @@ def _stage(src: Path, fmt: str, name: str, decl: Declaration, stage: Path, label
         if len(shape) != 4 or shape[-1] != 3:
             raise CheckpointError(f"{src}: the model's input shape is {shape}, not (N, H, W, 3)",
                                   "import a channels-last image classifier")
+        own = _check_size(decl.size, (shape[1], shape[2]), src)
+        size = own or decl.resolved().get("size")
+        if size is None:
+            raise ConfigError(f"{src}: the model takes any input size", "declare the size it was trained at: --size N")
         onnx_tmp = stage / f"{name}.onnx"
-        kmod.export_onnx(keras_model, onnx_tmp)
+        kmod.export_onnx(keras_model, onnx_tmp, int(size))
         from .onnx import read_onnx
 
         weights, defaults, inp = _stage_onnx(src, name, decl, stage, onnx_model=read_onnx(onnx_tmp),

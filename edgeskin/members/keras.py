@@ -43,8 +43,10 @@ def input_shape(model: Any) -> list[int | None]:
     return [None if d is None else int(d) for d in shape]
 
 
-def export_onnx(model: Any, out: Path) -> None:
-    """Keras' own ONNX export (``model.export(format="onnx")``; through torch.onnx on this backend)."""
+def export_onnx(model: Any, out: Path, size: int) -> None:
+    """Keras' own ONNX export (``model.export(format="onnx")``; through torch.onnx on this backend).
+    A freshly loaded model is called once first: Keras exports only models that have run."""
+    model.predict(np.zeros((1, size, size, 3), np.float32), verbose=0)
     try:
         model.export(str(out), format="onnx", verbose=False)
     except TypeError:
