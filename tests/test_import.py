@@ -514,3 +514,61 @@ def test_keras_resnet50_matches_keras_own_predict(tiny_ham, tmp_path):
 
     [member] = load_members(ens)
     np.testing.assert_allclose(member.probs(x), got, atol=1e-6)
+
+
+# ---------------------------------------------------------------- compile --member with an ONNX member
+
+def test_onnx_member_compiles_for_cpu_converted_down_and_tflite_names_the_route(tiny_ham, tmp_path):
+    from edgeskin.data import load_dataset, make_split, write_split
+    from edgeskin.members import load_members
+    from edgeskin.runtime import load
+    from edgeskin.targets import get_target
+
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    write_split(split, ens / "split.csv")
+    k20 = export(Convention(TinyNet(), layout="NHWC", order="BGR", mode="caffe", softmax=True), tmp_path / "k20.onnx",
+                 32, layout="NHWC", opset=20)
+    isic = export(Convention(TinyNet(classes=9, seed=2)), tmp_path / "isic.onnx", 32)
+    import_api([k20], ens, data=tiny_ham, preset="keras-resnet50")
+    import_api([isic], ens, data=tiny_ham, preset="torchvision", size=32,
+               labels=("MEL", "NV", "BCC", "AK=akiec", "BKL", "DF", "VASC", "SCC", "UNK"),
+               extra={"SCC": "akiec", "UNK": "drop"})
+    members = {m.name: m for m in load_members(ens)}
+    images = [s.path for s in ds.samples[:6]]
+    cpu = get_target("cpu")
+
+    # opset 20 -> 17 (the cpu default) by onnx's version converter; the bundle keeps the BGR/caffe/NHWC input
+    res = cpu.compile(ens, member="k20", precision="fp32", dataset=ds, split=split, out=tmp_path / "k20.edgeskin",
+                      threads=1, force=True)
+    man = json.loads((res.bundle / "manifest.json").read_text())
+    assert man["input"]["channel_order"] == "BGR" and man["input"]["normalization"] == "caffe"
+    assert man["input"]["layout"] == "NHWC"
+    assert man["provenance"]["export"]["source_opset"] == 20 and man["provenance"]["export"]["opset"] == 17
+    assert "version_converter" in man["provenance"]["export"]["converter"]
+    # the ISIC-style member: extra classes merged and dropped inside the bundle's graph
+    res9 = cpu.compile(ens, member="isic", precision="fp32", dataset=ds, split=split, out=tmp_path / "isic.edgeskin",
+                       threads=1, force=True)
+    for name, bundle in (("k20", res.bundle), ("isic", res9.bundle)):
+        m = members[name]
+        from edgeskin.preprocess import preprocess
+
+        want = m.probs(np.stack([preprocess(p, m.preprocess) for p in images]))
+        with load(bundle, threads=1) as pred:  # the runtime's own preprocessing, from the manifest
+            got = pred.probabilities(np.stack([pred.tensor(p) for p in images]))
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+    # a target whose runtime stops below the graph's opset, where the converter cannot go: refused
+    with pytest.raises(ConfigError, match="opset 20 .* at most opset 13") as e:
+        cpu.compile(ens, member="k20", precision="fp32", dataset=ds, split=split, out=tmp_path / "k13.edgeskin",
+                    opset=13, threads=1, force=True)
+    assert "re-export the model at opset 13" in e.value.hint
+    assert not (tmp_path / "k13.edgeskin").exists()
+    # tflite: no maintained converter takes an ONNX member; the error names the route
+    with pytest.raises(CheckpointError, match="imported onnx model") as e:
+        get_target("tflite").compile(ens, member="k20", precision="fp32", dataset=ds, split=split,
+                                      out=tmp_path / "k.tflite.edgeskin")
+    assert "distil the ensemble into a student first" in e.value.hint
+    assert not (tmp_path / "k.tflite.edgeskin").exists()

@@ -284,7 +284,7 @@ def import_members(
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"{out}: exists and is not a folder", "pass an ensemble folder for --out")
-        if any(out.iterdir()):
+        if _has_members(out):
             existing = load_members(out)
             if list(existing[0].labels.codes) != list(label_set.codes):
                 raise ConfigError(f"{out}: its members use classes {list(existing[0].labels.codes)}",
@@ -393,14 +393,24 @@ def _raw_outputs(st: Staged, x: np.ndarray, where: str) -> np.ndarray:
     return y
 
 
+def _has_members(folder: Path) -> bool:
+    from .loader import CHECKPOINT_FORMAT, _read_json
+
+    for meta in folder.glob("*.json"):
+        head = _read_json(meta)
+        if isinstance(head, dict) and head.get("format") in (CHECKPOINT_FORMAT, MEMBER_FORMAT):
+            return True
+    return (folder / "config.json").is_file() and any(folder.glob("member*.pt"))
+
+
 def _commit(stage: Path, out: Path, staged: list[Staged], split: Split | None, existing: list[Any]) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        if split is not None:
-            write_split(split, stage / "split.csv")  # evaluate and compile find it by default
-        if out.exists():
-            out.rmdir()
-        os.replace(stage, out)
+    if split is not None and not (out / "split.csv").exists():
+        write_split(split, stage / "split.csv")  # evaluate and compile find it by default
+    if not out.exists():
+        os.replace(stage, out)  # a new ensemble appears whole
         return
+    if (stage / "split.csv").exists():
+        os.replace(stage / "split.csv", out / "split.csv")
     for st in staged:  # weights first, the manifest (which makes it a member) last
         for f in st.files:
             os.replace(f, out / f.name)

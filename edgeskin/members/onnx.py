@@ -191,7 +191,7 @@ def bundle_graph(path: Path, *, outputs: str, class_map: Any, opset: int, where:
     g.node.extend(nodes)
     g.initializer.extend(inits)
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
+    g.output.extend([helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", len(cmap.codes)])])
     onnx.checker.check_model(model)
     record["output"] = ("log of the member's probabilities over our classes (outputs "
                         f"{outputs}{', classes mapped' if not cmap.is_identity else ''})")
