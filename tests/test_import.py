@@ -560,6 +560,13 @@ def test_onnx_member_compiles_for_cpu_converted_down_and_tflite_names_the_route(
             got = pred.probabilities(np.stack([pred.tensor(p) for p in images]))
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
 
+    # jetson: the device profile's highest opset applies (JetPack 5.1's TensorRT 8.5 parses opset 17)
+    jet = get_target("jetson").compile(ens, member="k20", precision="fp32", dataset=ds, split=split,
+                                       out=tmp_path / "k20.jetson.edgeskin", device="jetson-orin-nano", jetpack="5.1",
+                                       threads=1, force=True)
+    jman = json.loads((jet.bundle / "manifest.json").read_text())
+    assert jman["engine"]["opset"] == 17 and jman["provenance"]["export"]["source_opset"] == 20
+    assert jman["input"]["channel_order"] == "BGR"
     # a target whose runtime stops below the graph's opset, where the converter cannot go: refused
     with pytest.raises(ConfigError, match="opset 20 .* at most opset 13") as e:
         cpu.compile(ens, member="k20", precision="fp32", dataset=ds, split=split, out=tmp_path / "k13.edgeskin",

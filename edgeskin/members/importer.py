@@ -36,6 +36,8 @@ _STATE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 #: a member whose swapped channel order is this much more accurate is probably declared wrong
 SWAP_WARN_POINTS = 10.0
 SUM_TOLERANCE = 1e-3
+_DECLARED = ("size", "resize", "crop_fraction", "interpolation", "layout", "channel_order", "input_range",
+             "normalization", "mean", "std", "outputs")
 
 
 @dataclass
@@ -191,8 +193,13 @@ def _stage(src: Path, fmt: str, name: str, decl: Declaration, stage: Path, label
                                                                                     if conversion else {})},
         "input": {**inp, "layout": pre.layout, "size": pre.size},
         "preprocess": pre.to_dict(),
-        "declared": {"preset": decl.preset, **{k: v for k, v in values.items()
-                                               if k not in ("mean", "std")}},
+        # where each number came from: the preset, the model itself (its input shape, timm's
+        # pretrained_cfg), or what the user declared (options or --spec)
+        "declaration": {"preset": decl.preset,
+                        "from_model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()},
+                        "declared": {k: (list(v) if isinstance(v, tuple) else v) for k in _DECLARED
+                                     if (v := getattr(decl, k)) is not None},
+                        "labels": list(decl.labels) if decl.labels else None, "extra": dict(decl.extra)},
         "outputs": values.get("outputs") or "logits",
         "labels": labels.to_dict(),
         "num_classes": labels.num_classes,
