@@ -751,8 +751,9 @@ class IExecutionContext:
         return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        if not isinstance(stream_handle, int):
-            raise TypeError("execute_async_v3(): incompatible function arguments: stream_handle must be an int")
+        # stream_handle: int [PY-EXEC]; TensorRT's own samples pass cuda-python's cudaStream_t,
+        # which converts to one
+        int(stream_handle)
         api = self.engine.api
         cudart = api.cudart
         header = self.engine.header

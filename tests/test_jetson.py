@@ -499,14 +499,32 @@ def test_batches_above_the_profile_maximum_run_in_slices_in_order(double, jetson
     x = rng.standard_normal((33, 3, 32, 32)).astype(np.float32)
     want = _proxy_probs(bundle, x)
     with load(bundle) as pred:  # a fresh context, first call above the maximum
-        assert pred.backend.name == "tensorrt" and pred.backend.max_batch == 8
+        assert pred.backend.name == "tensorrt"
         np.testing.assert_allclose(pred.probabilities(x[:16]), want[:16], atol=1e-6)
-    with load(bundle) as pred:  # a smaller batch first, then a larger one
-        np.testing.assert_allclose(pred.probabilities(x[:3]), want[:3], atol=1e-6)
+        assert pred.backend.max_batch == 8
+    with load(bundle) as pred:
         got = pred.predict(list(x))  # the predictor's default batches of 16
         np.testing.assert_allclose(np.stack([r.probs for r in got]), want, atol=1e-6)
         runs = pred.backend.context.runs
-        assert max(runs) == 8 and sum(runs[-5:]) == 33
+        assert max(runs) == 8 and sum(runs[-5:]) == 33  # 16 + 16 + 1 as 8, 8 | 8, 8 | 1
+
+
+def test_after_a_smaller_batch_a_larger_one_is_not_cut_short(double, jetson_int8, tmp_path):
+    """TensorRT keeps the last accepted shape when it refuses one: ignoring that ran only the
+    first N images and zip() attached their probabilities to the wrong images."""
+    from edgeskin.runtime import load
+    from edgeskin.runtime.tensorrt import build_engine
+
+    double("8.5", board="orin-nx-16")
+    bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
+    build_engine(bundle, timing_cache=tmp_path / "tc")
+    x = np.random.default_rng(1).standard_normal((12, 3, 32, 32)).astype(np.float32)
+    want = _proxy_probs(bundle, x)
+    with load(bundle) as pred:
+        np.testing.assert_allclose(pred.probabilities(x[:3]), want[:3], atol=1e-6)
+        twelve = pred.predict(list(x))
+        assert len(twelve) == 12
+        np.testing.assert_allclose(np.stack([r.probs for r in twelve]), want, atol=1e-6)
 
 
 def test_a_refused_input_shape_is_an_error_not_a_short_answer(double, jetson_int8, tmp_path, monkeypatch):
@@ -518,7 +536,7 @@ def test_a_refused_input_shape_is_an_error_not_a_short_answer(double, jetson_int
     bundle = _bundle_copy(jetson_int8.bundle, tmp_path)
     build_engine(bundle, timing_cache=tmp_path / "tc")
     with load(bundle) as pred:
-        monkeypatch.setattr(pred.backend, "max_batch", 16)  # as if the profile allowed more
+        monkeypatch.setattr(pred.backend, "max_batch", 16, raising=False)  # as if the profile allowed more
         with pytest.raises(EdgeskinError, match="refused input shape"):
             pred.probabilities(np.zeros((12, 3, 32, 32), np.float32))
 
