@@ -538,6 +538,8 @@ class Builder:
 
     @property
     def platform_has_fast_fp16(self) -> bool:
+        if self.api.major >= 11:  # [MIGR11] removed; strongly typed networks instead
+            raise AttributeError("platform_has_fast_fp16")
         return True
 
     def create_network(self, flags: int = 0) -> INetworkDefinition:
