@@ -1007,7 +1007,9 @@ def test_the_documented_device_steps_run(version, flow_bundles, built, tmp_path)
     assert row["top1"] == pytest.approx(float(np.mean(ref_probs.argmax(1) == np.array(
         [("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc").index(s) for s in _dx(work / "images", 40)]))))
     loaded = set(log.read_text().split())
-    assert loaded and loaded <= set(DEVICE_MODULES), sorted(loaded - set(DEVICE_MODULES))
+    assert loaded and loaded <= set(DEVICE_MODULES), (
+        f"the device commands now load {sorted(loaded - set(DEVICE_MODULES))}: add them to DEVICE_MODULES, "
+        "which test_device_modules_need_only_python_3_8 checks for Python 3.8 (JetPack 5)")
 
 
 def _dx(data, n):
