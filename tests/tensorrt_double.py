@@ -92,6 +92,8 @@ BOARDS: dict[str, dict[str, Any]] = {
 #: simulated releases: full version, highest ONNX opset its parser takes [ONNX], the
 #: cuda-python generation JetPack pairs it with, and which API generation it has
 VERSIONS: dict[str, dict[str, Any]] = {
+    # 8.2 (JetPack 4.6) only to check that edgeskin refuses it; its binding-era API is not simulated
+    "8.2": {"version": "8.2.1.8", "max_opset": 13, "cuda_python": 11},
     "8.5": {"version": "8.5.2.2", "max_opset": 17, "cuda_python": 11},
     "8.6": {"version": "8.6.2.3", "max_opset": 17, "cuda_python": 12},
     "10.3": {"version": "10.3.0.30", "max_opset": 20, "cuda_python": 12},

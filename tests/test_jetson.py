@@ -743,6 +743,15 @@ def test_bundle_verify_on_a_device_with_only_the_runtime(jetson_int8, tmp_path):
     assert "files verified" in r.stdout and "not checked here" in r.stdout and "passed" in r.stdout
 
 
+def test_tensorrt_of_jetpack_4_6_is_refused_with_what_to_do(double, jetson_int8, tmp_path):
+    from edgeskin.runtime.tensorrt import build_engine
+
+    double("8.2", board="xavier-nx")
+    with pytest.raises(ConfigError, match="JetPack 4.6") as exc:
+        build_engine(_bundle_copy(jetson_int8.bundle, tmp_path))
+    assert "8.5" in exc.value.message and "JetPack 5.1" in exc.value.hint
+
+
 def test_jetson_power_state_reads_nvpmodel_and_the_clocks(tmp_path, monkeypatch):
     from edgeskin.runtime.tensorrt import jetson_power_state
 
