@@ -27,6 +27,10 @@ _LAZY = {
     "read_split": "edgeskin.data",
     "write_split": "edgeskin.data",
     "classification_report": "edgeskin.metrics",
+    # members trained anywhere (torch only for torch members)
+    "load_members": "edgeskin.members",
+    "import_members": "edgeskin.members.importer",
+    "MemberDeclaration": "edgeskin.members.declare:Declaration",
     # torch
     "build_model": "edgeskin.models",
     "load_ensemble": "edgeskin.models",

@@ -579,3 +579,53 @@ def test_onnx_member_compiles_for_cpu_converted_down_and_tflite_names_the_route(
                                       out=tmp_path / "k.tflite.edgeskin")
     assert "distil the ensemble into a student first" in e.value.hint
     assert not (tmp_path / "k.tflite.edgeskin").exists()
+
+
+# ---------------------------------------------------------------- recipes
+
+def test_recipe_loads_a_mixed_ensemble_and_runs_distill_compile_bench(tiny_ham, tiny_onnx, tmp_path):
+    from _bundles import build_model_dir
+
+    ens = tmp_path / "mixed"
+    build_model_dir(ens, name="a_member")
+    import_api([tiny_onnx["keras"]], ens, data=tiny_ham, preset="keras-resnet50", name="b_keras")
+    recipe = tmp_path / "byo.toml"
+    recipe.write_text(f"""
+name = "byo"
+out = "out"
+
+[data]
+path = "{tiny_ham}"
+
+[split]
+seed = 0
+
+[ensemble]
+load = "mixed"
+
+[student]
+preset = "tiny"
+arch = "resnet18"
+epochs = 1
+steps_per_epoch = 2
+augment = false
+pretrained = "none"
+init = "scratch"
+
+[[targets]]
+target = "cpu"
+precision = "fp32"
+
+[budgets.compile]
+on_miss = "keep"
+
+[bench]
+runs = 3
+min_seconds = 0
+""")
+    r = run_cli("run", str(recipe))
+    assert r.returncode in (0, 4), r.stdout + r.stderr  # 4: a random tiny student over its budget, reported
+    rep = json.loads((tmp_path / "out" / "bench" / "report.json").read_text())
+    assert rep["rows"][0]["row"] == "ensemble" and rep["rows"][0]["status"] == "ok"
+    teacher = json.loads(next((tmp_path / "out").rglob("student.json")).read_text())["teacher"]
+    assert [m["name"] for m in teacher["members"]] == ["a_member", "b_keras"]

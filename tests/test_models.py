@@ -127,12 +127,19 @@ def test_ensemble_loads_from_directory(tmp_path):
         load_ensemble(tmp_path / "empty")
 
 
-def test_ensemble_members_must_share_preprocessing(tmp_path):
+def test_ensemble_members_keep_their_own_preprocessing_but_share_the_class_order(tmp_path):
     _save_tiny(tmp_path / "member0")
     m, _ = build_model("resnet18", 7, pretrained=None)
     save_checkpoint(m, tmp_path / "member1", arch="resnet18", labels=HAM10000,
                     preprocess=PreprocessConfig(size=64), dropout=0.3)
-    with pytest.raises(CheckpointError, match="preprocessing"):
+    members = load_ensemble(tmp_path)  # each member is fed through its own preprocessing
+    assert [x.preprocess.size for x in members] == [members[0].preprocess.size, 64]
+    from edgeskin.labels import BINARY
+
+    b, _ = build_model("resnet18", 2, pretrained=None)
+    save_checkpoint(b, tmp_path / "member2", arch="resnet18", labels=BINARY,
+                    preprocess=PreprocessConfig(size=64), dropout=0.3)
+    with pytest.raises(CheckpointError, match="class order"):
         load_ensemble(tmp_path)
 
 

@@ -118,14 +118,15 @@ def _stage_onnx(src: Path, name: str, decl: Declaration, stage: Path, *, onnx_mo
     if io["elem_type"] not in (1, 10):  # FLOAT, FLOAT16
         raise CheckpointError(f"{src}: input {io['name']!r} is not a float tensor (ONNX type {io['elem_type']})",
                               "import a model that takes float images")
-    dest = stage / f"{name}.onnx"
-    if onnx_model is None and not any(
-            i.data_location == 1 for i in model.graph.initializer):  # no external data: copy the file as is
-        shutil.copyfile(src, dest)
-    else:
-        import onnx
+    import onnx
 
-        onnx.save_model(model, str(dest))
+    dest = stage / f"{name}.onnx"
+    external = onnx_model is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(
+        str(src), load_external_data=False).graph.initializer)
+    if onnx_model is None and not external:
+        shutil.copyfile(src, dest)  # the file as it is: its sha256 is the source's
+    else:
+        onnx.save_model(model, str(dest))  # weights beside the graph (external data) go into one file
     inp = {"name": io["name"], "shape": io["shape"], "dtype": "float16" if io["elem_type"] == 10 else "float32",
            "output": io["outputs"][0], "opset": io["opset"]}
     return dest, defaults, inp

@@ -80,7 +80,7 @@ def load_members(path: str | os.PathLike) -> list[Any]:
 
         members = _load_reference_layout(p)
     if not members:
-        raise CheckpointError(f"{p}: no members found",
+        raise CheckpointError(f"{p}: no checkpoints or imported members found",
                               "pass a folder written by `edgeskin train` or `edgeskin import` "
                               "(member .json files beside their weights)")
     first = members[0]

@@ -144,7 +144,16 @@ class Teacher:
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(sorted(m.sha256 for m in self.members))
+        """Of the members' weights, and for imported members also of what turns their outputs into
+        our probabilities (preprocessing, output kind, class map): re-importing the same file with
+        another declaration is another teacher."""
+        def one(m: Any) -> str:
+            if m.source == "edgeskin":
+                return m.sha256
+            decl = {k: m.config.get(k) for k in ("preprocess", "outputs", "class_map")}
+            return hashlib.sha256(json.dumps([m.sha256, decl], sort_keys=True).encode()).hexdigest()
+
+        blob = json.dumps(sorted(one(m) for m in self.members))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
