@@ -951,71 +951,100 @@ def flow_bundles(jetson_int8, jetson_thor_int8):
     return {"jp5": jetson_int8.bundle, "jp7": jetson_thor_int8.bundle}
 
 
-@pytest.mark.parametrize("version", DOUBLE_VERSIONS)
-def test_the_documented_device_steps_run(version, flow_bundles, built, tmp_path):
-    """The edgeskin lines of docs/jetson.md for this release, as a device with only the runtime
-    extra runs them, through the simulated TensorRT; then predict on 1, 8, 9 and 33 images and
-    the bench's probabilities, in order, against the host proxy."""
+PREDICT_COUNTS = ((1, 1), (8, 8), (9, 16), (33, 16))  # (images, --batch-size): the profile's max is 8
+
+
+def _device_flow(version: str, bundles: dict, root: Path) -> dict:
+    """Run the documented edgeskin lines for ``version`` on a simulated device, then predict on
+    1, 8, 9 and 33 images; return what came out (the test asserts on it)."""
+    import shlex
+
     jp, board, which = FLOW[version]
-    work = tmp_path / "jetson"
-    work.mkdir()
+    tmp = root / version
+    work = tmp / "jetson"
+    work.mkdir(parents=True)
     bundle = work / "model.edgeskin"
-    shutil.copytree(flow_bundles[which], bundle)
+    shutil.copytree(bundles[which], bundle)
     make_ham_tree(work / "images", lesions_per_class=3, seed=1)  # 42 images
     images = sorted((work / "images").rglob("*.jpg"))
     shutil.copyfile(images[0], work / "lesion.jpg")
     ref_probs = _reference(bundle, work / "images", work / "ref.npz")
-    log = tmp_path / "modules.txt"
-    env = trtd.subprocess_env(tmp_path, version, board=board, modules_log=log)
-    env.update(COLUMNS="200", OMP_NUM_THREADS="1", EDGESKIN_CACHE=str(tmp_path / "cache"))
+    log = tmp / "modules.txt"
+    env = trtd.subprocess_env(tmp, version, board=board, modules_log=log)
+    env.update(COLUMNS="200", OMP_NUM_THREADS="1", EDGESKIN_CACHE=str(tmp / "cache"))
     env.pop("EDGESKIN_DATA", None)
 
-    def edgeskin(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "edgeskin", *args], capture_output=True, text=True, env=env,
-                           cwd=work, timeout=300)
-        assert not check or r.returncode == 0, f"edgeskin {' '.join(args)}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
-        return r
+    def edgeskin(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgeskin", *args], capture_output=True, text=True, env=env,
+                              cwd=work, timeout=300)
 
-    import shlex
-
-    outputs = {}
+    steps = []
     for line in documented_steps()[jp]:
         if line.startswith("edgeskin "):
-            args = shlex.split(line)[1:]
-            outputs[args[0] + ("" if args[0] != "predict" else args[1])] = edgeskin(*args, check=args[0] != "bench")
-    assert "not checked here" in outputs["bundle"].stdout  # onnx is not on the device
+            steps.append((line, edgeskin(*shlex.split(line)[1:])))
+            if steps[-1][1].returncode != 0:
+                break
+    predicts = []
+    if all(r.returncode == 0 for _, r in steps):
+        for n, bs in PREDICT_COUNTS:
+            files = [str(p) for p in images[:n]]
+            predicts.append((files, edgeskin("predict", *files, "--bundle", str(bundle), "--engine", "tensorrt",
+                                              "--json", "--batch-size", str(bs))))
+    return {"work": work, "bundle": bundle, "board": board, "steps": steps, "predicts": predicts,
+            "ref_probs": ref_probs, "modules": log}
+
+
+@pytest.fixture(scope="module")
+def device_flows(flow_bundles, tmp_path_factory):
+    """The four simulated releases' flows, two at a time (they are chains of short processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("device-flows")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {v: pool.submit(_device_flow, v, flow_bundles, root) for v in DOUBLE_VERSIONS}
+
+
+@pytest.mark.parametrize("version", DOUBLE_VERSIONS)
+def test_the_documented_device_steps_run(version, device_flows):
+    """The edgeskin lines of docs/jetson.md for this release, as a device with only the runtime
+    extra runs them, through the simulated TensorRT; then predict on 1, 8, 9 and 33 images and
+    the bench's probabilities, in order, against the host proxy."""
+    flow = device_flows[version].result()
+    for line, r in flow["steps"]:
+        assert r.returncode == 0, f"{line}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    assert len(flow["steps"]) == sum(ln.startswith("edgeskin ") for ln in documented_steps()[FLOW[version][0]])
+    out = {line.split()[1]: r for line, r in flow["steps"]}
+    bundle, work = flow["bundle"], flow["work"]
+    assert "not checked here" in out["bundle"].stdout  # onnx is not on the device
     rec = json.loads((bundle / "manifest.json").read_text())["engine"]["engines"][-1]
     assert rec["tensorrt"] == trtd.VERSIONS[version]["version"]
-    assert rec["device"]["board"] == trtd.BOARDS[board]["model"]
+    assert rec["device"]["board"] == trtd.BOARDS[flow["board"]]["model"]
     assert rec["typing"] == ("strong" if version in ("10.13", "11.0") else "weak")
-    assert "selftest passed" in outputs["selftest"].stdout and "tensorrt" in outputs["selftest"].stdout
+    assert "selftest passed" in out["selftest"].stdout and "tensorrt" in out["selftest"].stdout
 
     # predict on 1, 8, 9 and 33 images: probabilities in order, as the host proxy gives them
     from edgeskin.runtime import load
 
+    assert [len(files) for files, _ in flow["predicts"]] == [n for n, _ in PREDICT_COUNTS]
     with load(bundle, engine="onnxruntime") as proxy:
-        for n, bs in ((1, 1), (8, 8), (9, 16), (33, 16)):
-            files = [str(p) for p in images[:n]]
-            r = edgeskin("predict", *files, "--bundle", str(bundle), "--engine", "tensorrt", "--json",
-                         "--batch-size", str(bs))
+        for files, r in flow["predicts"]:
+            assert r.returncode == 0, r.stderr[-3000:]
             got = json.loads(r.stdout)
             assert [g["source"] for g in got] == files
             want = np.stack([p.probs for p in proxy.predict(files)])
             probs = np.array([[g["probabilities"][c] for c in proxy.labels] for g in got])
-            np.testing.assert_allclose(probs, want, atol=2e-5, err_msg=f"{n} images")
+            np.testing.assert_allclose(probs, want, atol=2e-5, err_msg=f"{len(files)} images")
 
     # the bench ran in device mode: TensorRT, its power state recorded, the same predictions
-    bench = outputs["bench"]
-    assert bench.returncode == 0, f"{bench.stdout[-1500:]}\n{bench.stderr[-3000:]}"
     report = json.loads((work / "bench" / "report.json").read_text())
     row = next(r for r in report["rows"] if r.get("kind") == "bundle")
     assert row["status"] == "ok", row
     assert row["engine"] == "tensorrt" and not row["host_proxy"] and not row["torch_loaded"]
     assert set(row["device_state"]) == {"power_mode", "power_mode_id", "clocks_locked"}
     assert "device_state" in row["latency_batch1"]
-    assert row["top1"] == pytest.approx(float(np.mean(ref_probs.argmax(1) == np.array(
+    assert row["top1"] == pytest.approx(float(np.mean(flow["ref_probs"].argmax(1) == np.array(
         [("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc").index(s) for s in _dx(work / "images", 40)]))))
-    loaded = set(log.read_text().split())
+    loaded = set(flow["modules"].read_text().split())
     assert loaded and loaded <= set(DEVICE_MODULES), (
         f"the device commands now load {sorted(loaded - set(DEVICE_MODULES))}: add them to DEVICE_MODULES, "
         "which test_device_modules_need_only_python_3_8 checks for Python 3.8 (JetPack 5)")
