@@ -387,15 +387,16 @@ def contract_build(trt, model: bytes, *, lo=1, opt=1, hi=8, dla: int | None = No
 
 
 @pytest.fixture(params=["real"] + DOUBLE_VERSIONS)
-def trt_api(request, double):
-    """The real tensorrt where installed, else each simulated release."""
+def trt_api(request):
+    """The real tensorrt where installed (then the simulated releases skip), else each simulated
+    release."""
     if request.param == "real":
         if not HAS_TRT:
             pytest.skip("TensorRT is not installed here; the contract runs against the double's releases")
         import tensorrt
 
         return tensorrt
-    return double(request.param, board="agx-orin")
+    return request.getfixturevalue("double")(request.param, board="agx-orin")
 
 
 def _strong(trt) -> bool:
