@@ -736,6 +736,8 @@ def test_fp16_tensors_keep_the_graph_close_to_fp32():
         to_fp16_tensors(qdq_graph(opset=17))
 
 
+@pytest.mark.skipif(HAS_TRT, reason="a real TensorRT is installed: the double never replaces it (the hardware "
+                                     "test runs these steps there)")
 def test_bundle_verify_on_a_device_with_only_the_runtime(jetson_int8, tmp_path):
     env = trtd.subprocess_env(tmp_path, "8.5", board="orin-nx-16")
     r = subprocess.run([sys.executable, "-m", "edgeskin", "bundle", "verify", str(jetson_int8.bundle)],
@@ -1005,6 +1007,8 @@ def device_flows(flow_bundles, tmp_path_factory):
         return {v: pool.submit(_device_flow, v, flow_bundles, root) for v in DOUBLE_VERSIONS}
 
 
+@pytest.mark.skipif(HAS_TRT, reason="a real TensorRT is installed: the double never replaces it (the hardware "
+                                     "test runs these steps there)")
 @pytest.mark.parametrize("version", DOUBLE_VERSIONS)
 def test_the_documented_device_steps_run(version, device_flows):
     """The edgeskin lines of docs/jetson.md for this release, as a device with only the runtime
