@@ -256,7 +256,7 @@ def test_a_failing_member_leaves_an_existing_ensemble_as_it_was(tiny_ham, tiny_o
 
 # ---------------------------------------------------------------- a trained reference member behind a foreign input
 
-N_VAL = 16  # validation images the fidelity checks run on (a ResNet50 at 112 px each, on 2 cores)
+N_VAL = 12  # validation images the fidelity checks run on (a ResNet50 at 112 px each, on 2 cores)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,6 @@ def test_mixed_ensemble_is_the_mean_of_members_each_with_its_own_preprocessing(r
     """One edgeskin member (112 px) and two ONNX members (Keras convention at 112 px, torchvision
     convention at 128 px) as evaluate, `bench --reference` and the distillation teacher see them."""
     from edgeskin.bench import reference_from_models
-    from edgeskin.evaluate import evaluate
     from edgeskin.labels import HAM10000
     from edgeskin.models import save_checkpoint
 
@@ -334,12 +333,8 @@ def test_mixed_ensemble_is_the_mean_of_members_each_with_its_own_preprocessing(r
             "b_keras0": torchvision_probs(nets[0], ref["paths"], 112, 128),
             "c_tv2": torchvision_probs(nets[2], ref["paths"], 128, 146)}
     mean = np.mean(list(want.values()), axis=0)
-    ev = evaluate(ens, dataset=ref["sub"], split=None)
-    for k, p in want.items():
-        assert float(np.max(np.abs(ev.probs[k] - p))) < 1e-4, k
-    assert float(np.max(np.abs(ev.probs["ensemble"] - mean))) < 1e-4
-
-    rp = reference_from_models(ens, dataset=ref["sub"], split=None, split_name="all")  # what bench --reference runs
+    # what `bench --reference` computes (through evaluate, which also reports each member)
+    rp = reference_from_models(ens, dataset=ref["sub"], split=None, split_name="all")
     assert float(np.max(np.abs(rp.probs["ensemble"] - mean))) < 1e-4
     assert [m["name"] for m in rp.info["members"]] == ["a_member1", "b_keras0", "c_tv2"]
 
@@ -355,10 +350,10 @@ def test_mixed_ensemble_is_the_mean_of_members_each_with_its_own_preprocessing(r
     view = PreprocessConfig(size=112, resize=128)
     teacher = Teacher(load_ensemble(ens), view=view)
     assert teacher.model is None  # not one torch module: members run as they are
-    x = eval_tensors([load_resized(p, view) for p in ref["paths"][:8]], view)
+    x = eval_tensors([load_resized(p, view) for p in ref["paths"][:6]], view)
     got = teacher.probs(torch.from_numpy(x)).numpy()
     crop = T.Compose([T.Resize(128), T.CenterCrop(112), T.ToTensor()])
-    views = torch.stack([crop(Image.open(p).convert("RGB")) for p in ref["paths"][:8]])
+    views = torch.stack([crop(Image.open(p).convert("RGB")) for p in ref["paths"][:6]])
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     with torch.inference_mode():
         p1 = torch.softmax(nets[1].eval()(norm(views)), 1)
@@ -490,16 +485,16 @@ def test_keras_resnet50_matches_keras_own_predict(tiny_ham, tmp_path):
     model.save(path)
 
     ens = tmp_path / "keras-ens"
-    r = run_cli("import", str(path), "--preset", "keras-resnet50", "--out", str(ens), "--data", str(tiny_ham),
-                "--check-images", "16")
-    assert r.returncode == 0, r.stdout + r.stderr
+    import_api([path], ens, data=tiny_ham, n=12, preset="keras-resnet50")
     m = json.loads((ens / "k_r50.json").read_text())
     assert m["source"]["format"] == "keras" and m["weights"] == "k_r50.onnx" and m["input"]["size"] == 32
     assert m["source"]["conversion"]["max_abs_diff_vs_keras_predict"] < 1e-3
 
     from edgeskin.evaluate import evaluate
 
-    got = evaluate(ens, dataset=ds, split=None).probs["k_r50"]
+    few = replace(ds, samples=ds.samples[::4])
+    want, x = want[::4], x[::4]
+    got = evaluate(ens, dataset=few, split=None).probs["k_r50"]
     print(f"Keras ResNet50 predictions: std across images up to {float(want.std(axis=0).max()):.3f}, "
           f"{len(set(want.argmax(1)))} distinct top-1 classes")
     diff = float(np.max(np.abs(got - want)))
