@@ -216,7 +216,7 @@ def split(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="HAM10000 folder or metadata CSV, ISIC 2018 ground-truth CSV, or a folder per class. Default: $EDGESKIN_DATA."),
     output: Path = typer.Option(..., "--out", "-o", help="Split file to write (CSV: image_id,lesion_id,dx,split)."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata. Repeatable."),
-    seed: int = typer.Option(0, help="Seed of the shuffle (the split is a pure function of data and seed)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the shuffle (the split is a pure function of data and seed)."),
     fractions: str = typer.Option("0.7,0.1,0.2", help="Train,val,test fractions of each class's lesions."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows instead of stopping."),
 ) -> None:
@@ -235,28 +235,28 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
     output: Path = typer.Option(..., "--out", "-o", help="Ensemble folder to write (member0.pt/.json, ...). Re-running resumes."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: OUT/split.csv, made from --split-seed if missing."),
-    split_seed: int = typer.Option(0, help="Seed for a new split when none is given."),
+    split_seed: int = typer.Option(0, min=0, help="Seed for a new split when none is given."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
     preset: str = typer.Option("quick", help="tiny | quick | reference | published: defaults that the options below override."),
-    members: int = typer.Option(3, help="Number of ensemble members (different seeds)."),
+    members: int = typer.Option(3, min=1, max=1000, help="Number of ensemble members (different seeds)."),
     arch: Optional[str] = typer.Option(None, help="resnet50 (default) | resnet18 | mobilenet_v3_large."),
     labels: str = typer.Option("ham10000", help="ham10000 (7 classes) or binary (malignant = mel, bcc, akiec)."),
-    size: Optional[int] = typer.Option(None, help="Input size in pixels (224 published; 112 quick)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per member."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    size: Optional[int] = typer.Option(None, min=32, max=4096, help="Input size in pixels (224 published; 112 quick)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs per member."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+    lr: Optional[float] = typer.Option(None, min=0.0, max=10.0, help="Peak learning rate (AdamW, warm-up then cosine)."),
     loss: Optional[str] = typer.Option(None, help="wce | focal | ce, or a comma list, one per member. Default: wce, focal, wce, ..."),
-    focal_gamma: float = typer.Option(2.0, help="Focal loss gamma (alpha = the class weights)."),
+    focal_gamma: float = typer.Option(2.0, min=0.0, max=100.0, help="Focal loss gamma (alpha = the class weights)."),
     pretrained: Optional[str] = typer.Option(None, help="imagenet (torchvision's weights, downloaded once into torch hub's cache) | auto (the cache if present, else random; never downloads) | none | URL | FILE. Default: the preset's (published: imagenet; others: auto)."),
-    freeze_epochs: Optional[int] = typer.Option(None, help="Epochs with the backbone frozen. Default: 2 if pretrained, else 0."),
+    freeze_epochs: Optional[int] = typer.Option(None, min=0, help="Epochs with the backbone frozen. Default: 2 if pretrained, else 0."),
     finetune_stages: str = typer.Option("auto", help="Stages trained after the warm-up: auto | all | N (the last N)."),
-    patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
-    seed: int = typer.Option(0, help="Seed of member 0 (member i uses seed + i)."),
+    patience: int = typer.Option(8, min=1, help="Stop after this many epochs without a better validation balanced accuracy."),
+    seed: int = typer.Option(0, min=0, help="Seed of member 0 (member i uses seed + i)."),
     bf16: str = typer.Option("auto", help="Mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 with a gradient scaler; CPU: bf16 if it has the instructions) | on | off (fp32)."),
     device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP),
     deterministic: bool = typer.Option(False, "--deterministic", help=DETERMINISTIC_HELP),
-    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
-    steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
+    threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Torch threads (default: torch's choice)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, min=1, help="Cap steps per epoch (smoke tests)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
     """Train an ensemble of ResNet50 members (class-weighted CE / focal loss) on a lesion-disjoint split.
@@ -309,7 +309,7 @@ def train(
 
 @app.command()
 def distill(
-    teacher: Path = typer.Option(..., "--teacher", help="The trained ensemble (folder of members; the shared reference layout works too)."),
+    teacher: Path = typer.Option(..., "--teacher", help="The trained ensemble (folder of members: edgeskin's, imported with `edgeskin import`, or both; the shared reference layout works too)."),
     output: Path = typer.Option(..., "--out", "-o", help="Folder for the student (student.pt/.json, split.csv, report.json). Re-running resumes."),
     student: str = typer.Option("resnet50", "--student", help="resnet50 (default) | resnet18 | mobilenet_v3_large."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
@@ -318,25 +318,25 @@ def distill(
     preset: str = typer.Option("quick", help="tiny | quick | reference | published: schedule defaults the options below override."),
     init: str = typer.Option("auto", help="auto (ImageNet if present, else the best teacher member of the same architecture, else random) | imagenet | member | scratch."),
     member: Optional[str] = typer.Option(None, help="Member copied by --init member (default: best validation balanced accuracy)."),
-    temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the distillation term (scaled by T²)."),
-    alpha: float = typer.Option(0.7, help="Weight of the distillation term; 1 - alpha goes to the hard-label loss."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", min=1e-6, max=1000.0, help="Softmax temperature of the distillation term (scaled by T²)."),
+    alpha: float = typer.Option(0.7, min=0.0, max=1.0, help="Weight of the distillation term; 1 - alpha goes to the hard-label loss."),
     loss: str = typer.Option("wce", help="Hard-label loss: wce | focal | ce."),
-    focal_gamma: float = typer.Option(2.0, help="Focal loss gamma."),
+    focal_gamma: float = typer.Option(2.0, min=0.0, max=100.0, help="Focal loss gamma."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment training views (the teacher runs online on the same view). Off: teacher outputs are cached once."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Default: the preset's, a third of it when starting from a teacher member."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Maximum epochs."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+    lr: Optional[float] = typer.Option(None, min=0.0, max=10.0, help="Peak learning rate. Default: the preset's, a third of it when starting from a teacher member."),
     pretrained: Optional[str] = typer.Option(None, help="For ImageNet initialisation: imagenet (download once) | auto (torchvision's cache only) | none | URL | FILE. Default: the preset's."),
-    patience: int = typer.Option(8, help="Stop after this many epochs without a better validation balanced accuracy."),
-    seed: int = typer.Option(0, help="Seed."),
+    patience: int = typer.Option(8, min=1, help="Stop after this many epochs without a better validation balanced accuracy."),
+    seed: int = typer.Option(0, min=0, help="Seed."),
     bf16: str = typer.Option("auto", help="Mixed precision of the student: auto (CUDA: bf16, else fp16; CPU: bf16 if it has the instructions) | on | off. The teacher always runs in fp32, as evaluate and bench do."),
     device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP),
     deterministic: bool = typer.Option(False, "--deterministic", help=DETERMINISTIC_HELP),
-    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's choice)."),
-    steps_per_epoch: Optional[int] = typer.Option(None, help="Cap steps per epoch (smoke tests)."),
+    threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Torch threads (default: torch's choice)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, min=1, help="Cap steps per epoch (smoke tests)."),
     report_on: str = typer.Option("test", "--report-on", help="Split of the final student-vs-teacher report: test | val | none."),
-    latency_runs: int = typer.Option(30, help="Interleaved batch-1 runs timing teacher vs student (0: skip)."),
-    latency_threads: Optional[int] = typer.Option(None, help="Threads for the latency runs (default: the engines' choice)."),
+    latency_runs: int = typer.Option(30, min=0, help="Interleaved batch-1 runs timing teacher vs student (0: skip)."),
+    latency_threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Threads for the latency runs (default: the engines' choice)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
     """Distil an ensemble (mean of its members' softmax) into one student network.
@@ -405,7 +405,7 @@ def evaluate(
     on: str = typer.Option("test", "--on", help="Which split: train | val | test."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
-    batch_size: int = typer.Option(64, help="Inference batch size."),
+    batch_size: int = typer.Option(64, min=1, help="Inference batch size."),
     device: str = typer.Option("auto", "--device", "--compute-device", help=DEVICE_HELP + " Inference is fp32."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
 ) -> None:
@@ -437,12 +437,12 @@ def import_cmd(
     fmt: Optional[str] = typer.Option(None, "--format", help="onnx | keras | timm | torchvision (default: from the file name)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="For a state_dict: timm:NAME or torchvision:NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Member name (default: the file's stem)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Square input size the model takes."),
-    resize: Optional[int] = typer.Option(None, "--resize", help="Shorter side before the centre crop."),
+    size: Optional[int] = typer.Option(None, "--size", min=32, max=4096, help="Square input size the model takes."),
+    resize: Optional[int] = typer.Option(None, "--resize", min=32, max=8192, help="Shorter side before the centre crop."),
     interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic | nearest."),
     layout: Optional[str] = typer.Option(None, "--layout", help="NCHW | NHWC (default: from the model)."),
     channel_order: Optional[str] = typer.Option(None, "--channel-order", help="RGB | BGR."),
-    input_range: Optional[float] = typer.Option(None, "--input-range", help="Pixels before normalisation: 1 (0-1) or 255 (0-255)."),
+    input_range: Optional[float] = typer.Option(None, "--input-range", min=1e-6, max=65535.0, help="Pixels before normalisation: 1 (0-1) or 255 (0-255)."),
     normalization: Optional[str] = typer.Option(None, "--normalization", help="meanstd | caffe | tf | none."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean (meanstd), e.g. 0.485,0.456,0.406."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (meanstd)."),
@@ -452,7 +452,7 @@ def import_cmd(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Real images to check the members on. Default: $EDGESKIN_DATA."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split file; the check uses --on of it."),
     on: str = typer.Option("val", "--on", help="Which split the check runs on."),
-    check_images: int = typer.Option(64, "--check-images", help="How many images of the split the check runs."),
+    check_images: int = typer.Option(64, "--check-images", min=1, help="How many images of the split the check runs."),
     label_set: str = typer.Option("ham10000", "--label-set", help="Our classes: ham10000 | binary."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the import report as JSON here."),
 ) -> None:
@@ -488,6 +488,10 @@ def import_cmd(
         t.add_column(col, justify="left" if col != "top-1" else "right")
     for r in res.members:
         t.add_row(r["name"], r["format"], _pct(r["accuracy"]))
+    new = {r["name"] for r in res.members}
+    for name, acc in (res.ensemble or {}).get("member_accuracy", {}).items():
+        if name not in new:
+            t.add_row(name, "(already there)", _pct(acc))
     if res.ensemble is not None:
         t.add_row(f"ensemble ({len(res.ensemble['members'])} members)", "", _pct(res.ensemble["accuracy"]))
     out.print(t)
@@ -518,8 +522,8 @@ def _split_for(data_split: Optional[Path], model: Optional[Path]) -> Path:
 def calib_make(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set. Default: $EDGESKIN_DATA."),
     split_file: Path = typer.Option(..., "--split", help="Split file; images are drawn from its train split."),
-    size: int = typer.Option(512, help="Number of images (at least 300 unless --force)."),
-    seed: int = typer.Option(0, help="Seed of the draw."),
+    size: int = typer.Option(512, min=1, help="Number of images (at least 300 unless --force)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the draw."),
     name: Optional[str] = typer.Option(None, help="Name (default: train-SIZE-seedSEED-HASH)."),
     out_dir: Path = typer.Option(Path("calibration"), "--out-dir", help="Folder for the manifest."),
     source_split: str = typer.Option("train", "--from", help="Split to draw from (anything but train needs --force)."),
@@ -570,22 +574,22 @@ def compile_cmd(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration manifest (calibration/NAME.json); needed for int8."),
     member: Optional[str] = typer.Option(None, help="Member of an ensemble folder to compile (e.g. member2)."),
     max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points vs FP32 on val: top1=0.5,balanced=1.5,mel_recall=2."),
-    min_agreement: float = typer.Option(0.97, help="Smallest top-1 agreement with FP32 on val."),
-    subset_size: int = typer.Option(512, help="Calibration images used (NNCF, or the tflite observers); at most the set's size."),
+    min_agreement: float = typer.Option(0.97, min=0.0, max=1.0, help="Smallest top-1 agreement with FP32 on val."),
+    subset_size: int = typer.Option(512, min=1, help="Calibration images used (NNCF, or the tflite observers); at most the set's size."),
     fast_bias_correction: bool = typer.Option(True, "--fast-bias-correction/--full-bias-correction", help="NNCF bias correction flavour."),
     preset: str = typer.Option("performance", help="NNCF preset: performance | mixed."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Node name (or type:OpType) to keep in float. Repeatable."),
     head_float: bool = typer.Option(True, "--head-float/--head-int8", help="Keep the classifier layer in float."),
     first_conv_float: bool = typer.Option(False, "--first-conv-float/--first-conv-int8", help="Keep the first convolution in float."),
     range_estimator: str = typer.Option("mean_minmax", help="Activation ranges: mean_minmax (NNCF default) | minmax | median_minmax | mean_no_outliers_minmax | mean_quantile | histogram."),
-    accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", help="Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric on val drops at most this (0-1)."),
-    fallback: Optional[float] = typer.Option(None, "--float-fallback", help="Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val reaches this (e.g. 0.98)."),
-    fallback_max_layers: int = typer.Option(12, help="At most this many quantizers kept in float by --float-fallback."),
+    accuracy_control: Optional[float] = typer.Option(None, "--max-drop-int8", min=0.0, max=100.0, help="Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric on val drops at most this (0-1)."),
+    fallback: Optional[float] = typer.Option(None, "--float-fallback", min=0.0, max=1.0, help="Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val reaches this (e.g. 0.98)."),
+    fallback_max_layers: int = typer.Option(12, min=0, help="At most this many quantizers kept in float by --float-fallback."),
     control_metric: str = typer.Option("agreement", help="What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of balanced acc. and mel recall)."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: 17 for cpu; the device profile's highest for jetson)."),
+    opset: Optional[int] = typer.Option(None, min=7, max=30, help="ONNX opset (default: 17 for cpu; the device profile's highest for jetson)."),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile (see `edgeskin devices`); jetson default: jetson-orin-nano."),
     jetpack: Optional[str] = typer.Option(None, "--jetpack", help="JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset."),
-    threads: Optional[int] = typer.Option(None, help="Runtime threads for the verification."),
+    threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Runtime threads for the verification."),
     layout: str = typer.Option("NHWC", help="tflite: input layout NHWC (phones) | NCHW."),
     int8_adds: bool = typer.Option(False, "--int8-adds/--float-adds", help="tflite int8: quantize the residual additions too (all-integer graph for NPU delegates)."),
     observer: str = typer.Option("mean_minmax", help="tflite int8: activation ranges, mean_minmax (moving average of each image's min/max; the default) | histogram (litert's default) | minmax."),
@@ -650,12 +654,13 @@ def bench(
     on: str = typer.Option("test", "--on", help="Split to bench on: test | val | train | all (all: every image of --data, e.g. an ISIC 2018 ground-truth CSV)."),
     device: Optional[str] = typer.Option(None, "--device", help="Device profile whose budgets apply (see `edgeskin devices`)."),
     max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Budget in points, e.g. top1=0.5,balanced=1.5,mel_recall=2 (overrides the profile's)."),
-    max_latency: Optional[float] = typer.Option(None, "--max-latency", help="Largest batch-1 p90 latency in ms."),
+    max_latency: Optional[float] = typer.Option(None, "--max-latency", min=1e-6, help="Largest batch-1 p90 latency in ms."),
     against: str = typer.Option("auto", help="Budgets compare each bundle with: auto (the FP32 student if given, else the ensemble) | student | ensemble."),
     threads: Optional[int] = typer.Option(None, min=1, help="Runtime threads for every bundle."),
     min_samples: int = typer.Option(1000, "--min-samples", "--runs", min=1, help="Batch-1 timing: at least this many runs per row, model only and end to end (p99 is shown from 1000)."),
     min_seconds: float = typer.Option(10.0, "--min-seconds", min=0.0, help="Batch-1 timing: and at least this many seconds per row."),
     wide: bool = typer.Option(False, "--wide", help="Print every column (the full table is always in report.md)."),
+    refuse_forced: bool = typer.Option(False, "--refuse-forced", help="Fail (exit 5) when a bundle was written past its compile budget (FORCED)."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto | tensorrt | onnxruntime (host proxy)."),
     compute_device: str = typer.Option("auto", "--compute-device", help="Where the ensemble and student rows are evaluated (fp32): auto | cpu | cuda | cuda:N. Latency is always measured on the host CPU."),
     save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Also write the reference predictions here (to bench on a device without torch)."),
@@ -741,6 +746,12 @@ def bench(
 
         raise BudgetBreach("budget breached: " + "; ".join(report.breaches),
                            "see report.md; relax the budget only with a reason")
+    forced = [r["row"] for r in report.rows if r.get("forced")]
+    if refuse_forced and forced:
+        from .bench import ForcedRefused
+
+        raise ForcedRefused(f"bundle(s) written past their compile budget: {', '.join(forced)}",
+                            "recompile them within budget, or bench without --refuse-forced to compare only")
     if budget.active():
         out.print("[green]every bundle within budget[/green]")
 
@@ -844,8 +855,8 @@ app.add_typer(data_app, name="data")
 def engine_build(
     bundle: Path = typer.Argument(..., help="A jetson bundle folder."),
     precision: Optional[str] = typer.Option(None, help="fp16 | fp32 for a float bundle on TensorRT < 10.12 (default: the bundle's)."),
-    dla: Optional[int] = typer.Option(None, "--dla", help="DLA core to build for (static batch, GPU fallback); only where the device profile has a DLA."),
-    workspace_mb: Optional[int] = typer.Option(None, help="Builder workspace (default: the device profile's)."),
+    dla: Optional[int] = typer.Option(None, "--dla", min=0, max=7, help="DLA core to build for (static batch, GPU fallback); only where the device profile has a DLA."),
+    workspace_mb: Optional[int] = typer.Option(None, min=1, help="Builder workspace (default: the device profile's)."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default: ~/.cache/edgeskin/tensorrt/)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if an engine for this TensorRT and device exists."),
 ) -> None:
@@ -871,9 +882,9 @@ def engine_build(
 @app.command()
 def selftest(
     bundle: Path = typer.Argument(..., help="Bundle folder or zip."),
-    threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+    threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Runtime threads."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
-    dla: Optional[int] = typer.Option(None, "--dla", help="Jetson bundles: run the engine built for this DLA core."),
+    dla: Optional[int] = typer.Option(None, "--dla", min=0, max=7, help="Jetson bundles: run the engine built for this DLA core."),
 ) -> None:
     """Re-run the bundle's golden inputs on this machine and compare with the compile-time outputs."""
     from .runtime import load, selftest as run_selftest
@@ -895,12 +906,12 @@ def selftest(
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders of images."),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="Bundle folder or zip."),
-    top_k: int = typer.Option(3, "--top-k", "-k", help="How many classes to show."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, max=1000, help="How many classes to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per image)."),
-    threads: Optional[int] = typer.Option(None, help="Runtime threads."),
+    threads: Optional[int] = typer.Option(None, min=1, max=4096, help="Runtime threads."),
     engine: str = typer.Option("auto", help="Jetson bundles: auto (TensorRT if installed, else the ONNX Runtime host proxy) | tensorrt | onnxruntime."),
-    dla: Optional[int] = typer.Option(None, "--dla", help="Jetson bundles: run the engine built for this DLA core."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images per engine call (1: results never depend on the batch; more: faster)."),
+    dla: Optional[int] = typer.Option(None, "--dla", min=0, max=7, help="Jetson bundles: run the engine built for this DLA core."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per engine call (1: results never depend on the batch; more: faster)."),
 ) -> None:
     """Top-k labels with probabilities for each image.
 
@@ -968,7 +979,7 @@ def predict(
         out.print(t)
     if failed:
         err.print(f"[red]{failed} of {len(files)} image(s) failed[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CODES["failed row"])
 
 
 @app.command("run")
@@ -1082,6 +1093,9 @@ def main() -> None:
         stop_all()
         err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
         sys.exit(130)
+    if rc == EXIT_CODES["interrupted"]:  # typer turns Ctrl-C inside a command into this code
+        stop_all()
+        err.print("[yellow]interrupted[/yellow]: finished work is kept; run the same command to resume")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

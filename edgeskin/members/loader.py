@@ -75,10 +75,11 @@ def load_members(path: str | os.PathLike) -> list[Any]:
             members.append(load_checkpoint(meta))
         elif isinstance(head, dict) and head.get("format") == MEMBER_FORMAT:
             members.append(_load_imported(head, meta))
-    if not members and (p / "config.json").is_file() and any(p.glob("member*.pt")):
+    if (p / "config.json").is_file() and any(p.glob("member*.pt")) and not any(
+            m.source == "edgeskin" for m in members):
         from ..models.checkpoint import _load_reference_layout
 
-        members = _load_reference_layout(p)
+        members = _load_reference_layout(p) + members  # members imported beside the reference layout too
     if not members:
         raise CheckpointError(f"{p}: no checkpoints or imported members found",
                               "pass a folder written by `edgeskin train` or `edgeskin import` "
