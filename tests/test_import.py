@@ -243,6 +243,19 @@ def test_corrupt_files_are_refused(tiny_ham, tiny_onnx, tmp_path):
     nothing_written(tmp_path, out)
 
 
+def test_a_graph_with_a_fixed_batch_of_one_runs_image_by_image(tiny_ham, tiny_onnx, tmp_path):
+    from edgeskin.data import load_dataset
+    from edgeskin.evaluate import evaluate
+
+    net = TinyNet()
+    one = tmp_path / "b1.onnx"
+    torch.onnx.export(Convention(net).eval(), torch.zeros(1, 3, 32, 32), str(one), input_names=["x"], dynamo=False)
+    import_api([one], tmp_path / "ens", data=tiny_ham, preset="torchvision", size=32)
+    import_api([tiny_onnx["nchw"]], tmp_path / "ens", data=tiny_ham, preset="torchvision", size=32)
+    ev = evaluate(tmp_path / "ens", dataset=load_dataset(tiny_ham), split=None)
+    np.testing.assert_allclose(ev.probs["b1"], ev.probs["tiny"], atol=1e-6)  # the same network, batch 1 vs dynamic
+
+
 def test_a_failing_member_leaves_an_existing_ensemble_as_it_was(tiny_ham, tiny_onnx, tmp_path):
     out = tmp_path / "ens"
     import_api([tiny_onnx["nchw"]], out, data=tiny_ham, preset="torchvision", size=32, name="a")
@@ -624,3 +637,25 @@ min_seconds = 0
     assert rep["rows"][0]["row"] == "ensemble" and rep["rows"][0]["status"] == "ok"
     teacher = json.loads(next((tmp_path / "out").rglob("student.json")).read_text())["teacher"]
     assert [m["name"] for m in teacher["members"]] == ["a_member", "b_keras"]
+
+
+def test_state_dict_heads_are_mapped_and_misfits_listed(tmp_path):
+    import torchvision
+
+    from edgeskin.members.torchnet import build, fit_state, read_state
+
+    src = torchvision.models.resnet18(num_classes=7).state_dict()
+    # a head saved as Sequential(Dropout, Linear), as edgeskin and the reference ensemble save it
+    seq = {("fc.1." + k[3:] if k.startswith("fc.") else k): v for k, v in src.items()}
+    torch.save({"state_dict": {"module." + k: v for k, v in seq.items()}}, tmp_path / "wrapped.pth")
+    model = build("torchvision:resnet18", 7)
+    renames = fit_state(model, read_state(tmp_path / "wrapped.pth"), tmp_path / "wrapped.pth")
+    assert renames == {"fc.1.weight": "fc.weight", "fc.1.bias": "fc.bias"}
+    assert torch.equal(model.fc.weight, src["fc.weight"])
+    broken = dict(src)
+    broken.pop("layer4.1.bn2.running_mean")
+    broken["extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as e:
+        fit_state(build("torchvision:resnet18", 7), broken, tmp_path / "broken.pth")
+    assert "missing keys ['layer4.1.bn2.running_mean']" in str(e.value)
+    assert "unexpected keys ['extra.weight']" in str(e.value) and "--arch" in e.value.hint

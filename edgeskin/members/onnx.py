@@ -79,6 +79,9 @@ class OnnxMember(ForeignMember):
         self.input_name = str(config["input"]["name"])
         self.output_name = config["input"].get("output")
         self.dtype = np.float16 if config["input"].get("dtype") == "float16" else np.float32
+        batch = (config["input"].get("shape") or [None])[0]
+        #: a graph exported with a fixed batch (often 1: torch.onnx without dynamic axes) runs in chunks of it
+        self.fixed_batch = int(batch) if isinstance(batch, int) and batch > 0 else None
 
     def _bytes(self) -> bytes:
         if self._data is None:
@@ -102,6 +105,12 @@ class OnnxMember(ForeignMember):
         return self._sessions[providers]
 
     def raw(self, x: np.ndarray, *, device: Any = None) -> np.ndarray:
+        b = self.fixed_batch
+        if b is not None and len(x) != b:
+            if len(x) % b:
+                raise ConfigError(f"{self.weights_path}: the graph takes batches of exactly {b} images",
+                                  "re-export it with a dynamic batch axis")
+            return np.concatenate([self.raw(x[i : i + b], device=device) for i in range(0, len(x), b)])
         sess = self.session(device)
         try:
             out = sess.run([self.output_name] if self.output_name else None, {self.input_name: x.astype(self.dtype)})
