@@ -167,6 +167,11 @@ def bundle_graph(path: Path, *, outputs: str, class_map: Any, opset: int, where:
 
     if in_name != "input":
         rename(in_name, "input")
+    for v in list(g.input) + list(g.output):  # a bundle takes any batch (checked by the caller)
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+            record["batch_made_dynamic_from"] = record.get("batch_made_dynamic_from") or int(io["shape"][0] or 0)
     keep = [o for o in g.output if o.name == out_name]
     del g.output[:]
     g.output.extend(keep)

@@ -148,7 +148,11 @@ def _imported_graph(ck: Any, onnx_path: Path, opset: int, x: np.ndarray, reporte
     from ..runtime.backends import OnnxRuntimeBackend
 
     check = x[:8]
-    got = softmax(OnnxRuntimeBackend(onnx_path.read_bytes()).run(check))
+    try:
+        got = softmax(OnnxRuntimeBackend(onnx_path.read_bytes()).run(check))
+    except Exception as exc:  # noqa: BLE001 - ORT's own exception types
+        raise CheckpointError(f"{ck.path}: the member's graph does not run on a batch of {len(check)} images ({exc})",
+                              "re-export the model with a dynamic batch axis and import it again") from None
     want = ck.probs(check)
     diff = float(np.max(np.abs(got - want))) if len(check) else 0.0
     if diff > 1e-3:
