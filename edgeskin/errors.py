@@ -6,6 +6,26 @@ Standard library only, so every layer (runtime included) can raise them.
 from __future__ import annotations
 
 
+#: The one exit-code table of the command line: (code, name, meaning). Shown by `edgeskin --help`
+#: and docs/exit-codes.md; every error class and command takes its code from here.
+EXIT_TABLE: tuple[tuple[int, str, str], ...] = (
+    (0, "success", "success"),
+    (1, "internal", "internal error: a bug (please report the traceback)"),
+    (2, "user error", "user error: a bad option, value, file, or a missing dependency; nothing was changed"),
+    (3, "failed row", "a failed row: a target could not be compiled, a bundle could not be loaded or run, "
+                      "or an image could not be predicted (the others still were)"),
+    (4, "budget breached", "a budget was breached (bench, or compile in a recipe)"),
+    (5, "forced refused", "a bundle written past its compile budget (FORCED) was refused"),
+    (130, "interrupted", "interrupted (Ctrl-C): finished work is kept; run the same command to resume"),
+)
+EXIT_CODES: dict[str, int] = {name: code for code, name, _ in EXIT_TABLE}
+
+
+def exit_code_table() -> str:
+    """``0 success; 1 internal error ...; ...`` for help texts."""
+    return "; ".join(f"{code} {meaning}" for code, _, meaning in EXIT_TABLE)
+
+
 class EdgeskinError(Exception):
     """Base class. ``message`` says what went wrong, ``hint`` what to do about it."""
 

@@ -53,8 +53,55 @@ _SECTIONS: dict[str, set[str]] = {
     "budgets": {"compile", "bench"},
     "budgets.compile": {"top1", "balanced", "mel_recall", "min_agreement", "on_miss"},
     "budgets.bench": {"top1", "balanced", "mel_recall", "max_latency_ms", "against", "device"},
-    "bench": {"on", "runs", "threads", "engine", "compute_device"},
+    "bench": {"on", "runs", "min_samples", "min_seconds", "threads", "engine", "compute_device"},
 }
+
+
+def _value_specs() -> dict[str, dict[str, Any]]:
+    """What every recipe value may be (type and range), per section: checked when the recipe is
+    read (``--dry-run`` included), so a wrong value fails at once with its file and key named."""
+    from .labels import LABEL_SETS
+    from .models.arch import ARCHS
+    from .train.config import PRESETS
+    from .train.distill import INITS
+    from .train.losses import LOSSES
+    from .validate import AnyOf, Bool, Int, ListOf, Num, Str, choices
+
+    text, flag = Str(), Bool()
+    training = {
+        "preset": choices(PRESETS), "arch": choices(ARCHS), "labels": choices(LABEL_SETS), "size": Int(32, 4096),
+        "epochs": Int(1, 100_000), "batch_size": Int(1, 65_536), "lr": Num(0, 10), "focal_gamma": Num(0, 100),
+        "pretrained": text, "freeze_epochs": Int(0, 100_000), "finetune_stages": AnyOf((choices(("auto", "all")), Int(0, 100))),
+        "patience": Int(1, 100_000), "seed": Int(0, 2**63 - 1), "bf16": choices(("auto", "on", "off")),
+        "steps_per_epoch": Int(1, 10**9), "threads": Int(1, 4096), "compute_device": text, "deterministic": flag,
+    }
+    points = Num(-100, 100)
+    return {
+        "": {"name": text, "description": Str(), "out": text},
+        "data": {"path": text, "images": ListOf(text), "skip_bad": flag},
+        "split": {"file": text, "seed": Int(0, 2**63 - 1), "fractions": ListOf(Num(0, 1), 3)},
+        "ensemble": {**training, "load": text, "members": Int(1, 1000),
+                     "losses": AnyOf((choices(LOSSES), ListOf(choices(LOSSES))))},
+        "student": {**training, "load": text, "loss": choices(LOSSES), "temperature": Num(0, 1000, lo_open=True),
+                    "alpha": Num(0, 1), "init": choices(INITS), "member": text, "augment": flag,
+                    "report_on": choices(("none", "val", "test")), "latency_runs": Int(0, 10**6)},
+        "calibration": {"file": text, "size": Int(1, 10**6), "seed": Int(0, 2**63 - 1), "force": flag},
+        "budgets.compile": {"top1": points, "balanced": points, "mel_recall": points, "min_agreement": Num(0, 1),
+                            "on_miss": choices(("fail", "keep"))},
+        "budgets.bench": {"top1": points, "balanced": points, "mel_recall": points,
+                          "max_latency_ms": Num(0, 10**7, lo_open=True), "against": choices(("auto", "student", "ensemble")),
+                          "device": text},
+        "bench": {"on": choices(("test", "val")), "runs": Int(1, 10**7), "min_samples": Int(1, 10**7),
+                  "min_seconds": Num(0, 86_400), "threads": Int(1, 4096),
+                  "engine": choices(("auto", "tensorrt", "onnxruntime")), "compute_device": text},
+        "targets": {"target": text, "precision": text, "name": text},
+    }
+
+
+def _check_values(table: dict[str, Any], section: str, where: Path) -> None:
+    from .validate import check_table
+
+    check_table(table, _value_specs()[section], where=str(where), prefix=f"[{section}] " if section else "")
 
 
 def _check_keys(table: dict[str, Any], section: str, where: Path) -> None:
@@ -140,17 +187,21 @@ def load_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})", "fix the line named above; see recipes/quick.toml") from None
     _check_keys(raw, "", p)
+    _check_values({k: v for k, v in raw.items() if k in ("name", "description", "out")}, "", p)
     base = p.resolve().parent
     name = str(raw.get("name") or p.stem)
     for sec in ("data", "split", "ensemble", "student", "calibration", "budgets", "bench"):
         if sec in raw and not isinstance(raw[sec], dict):
             raise ConfigError(f"{p}: [{sec}] must be a table", f"write it as a [{sec}] section")
         _check_keys(raw.get(sec, {}), sec, p)
+        if sec != "budgets":
+            _check_values(raw.get(sec, {}), sec, p)
     budgets = raw.get("budgets", {})
     for sub in ("compile", "bench"):
         if sub in budgets and not isinstance(budgets[sub], dict):
             raise ConfigError(f"{p}: [budgets.{sub}] must be a table", f"write it as a [budgets.{sub}] section")
         _check_keys(budgets.get(sub, {}), f"budgets.{sub}", p)
+        _check_values(budgets.get(sub, {}), f"budgets.{sub}", p)
     targets = raw.get("targets", [])
     if not isinstance(targets, list) or not targets:
         raise ConfigError(f"{p}: no [[targets]]", 'add at least one, e.g. [[targets]] target = "cpu" precision = "int8"')
@@ -161,6 +212,10 @@ def load_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None
         r.data["path"] = _resolve(base, r.data["path"], "[data] path", p)
     r.data["images"] = [_resolve(base, d, "[data] images", p) for d in r.data.get("images", [])]
     r.split = dict(raw.get("split", {}))
+    fr = r.split.get("fractions")
+    if fr is not None and (abs(sum(fr) - 1) > 1e-6 or fr[1] <= 0):
+        raise ConfigError(f"{p}: [split] fractions = {fr} must sum to 1 with a validation share above 0",
+                          "training early-stops on the validation split; e.g. fractions = [0.7, 0.1, 0.2]")
     if "file" in r.split:
         r.split["file"] = _resolve(base, r.split["file"], "[split] file", p)
     r.ensemble = dict(raw.get("ensemble", {}))
@@ -186,6 +241,7 @@ def load_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None
         if not isinstance(t, dict):
             raise ConfigError(f"{p}: [[targets]] #{i} must be a table", 'e.g. [[targets]] target = "cpu"')
         _check_keys(t, "targets", p)
+        _check_values(t, "targets", p)
         if "target" not in t:
             raise ConfigError(f"{p}: [[targets]] #{i} has no target", "set target = cpu | jetson | tflite")
         t = dict(t)
@@ -612,7 +668,9 @@ def bench_budget(r: Recipe):  # noqa: ANN201
 
 
 def _run_bench(ctx: _Ctx, out: Path) -> Any:
-    from .bench import BenchConfig, compile_failed_row, reference_from_models, run_bench
+    import tempfile
+
+    from .bench import BenchConfig, compile_failed_row, export_reference_models, reference_from_models, run_bench
     from .bench.report import write_reports
 
     r = ctx.recipe
@@ -623,6 +681,7 @@ def _run_bench(ctx: _Ctx, out: Path) -> Any:
                                 compute=_compute(r.bench, training=False))
     out.mkdir(parents=True, exist_ok=True)
     ref.save(out / f"reference-{on}.npz")
+    exports = tempfile.TemporaryDirectory(prefix="edgeskin-reference-")
     bundles, extra = [], []
     for t in r.targets:
         b = r.out / "bundles" / f"{t['name']}.edgeskin"
@@ -631,12 +690,23 @@ def _run_bench(ctx: _Ctx, out: Path) -> Any:
         else:
             why = ctx.results.get(f"compile:{t['name']}", "no bundle")
             extra.append(compile_failed_row(t["target"], t["precision"], why))
-    report = run_bench(ref, bundles, dataset=ctx.dataset, budget=bench_budget(r),
-                       config=BenchConfig(threads=threads, runs=int(r.bench.get("runs", 50)),
-                                          engine=r.bench.get("engine", "auto")),
-                       extra_rows=extra, reporter=ctx.reporter)
+    try:
+        models = export_reference_models(_ensemble_dir(ctx), _student_path(ctx), exports.name)
+        report = run_bench(ref, bundles, dataset=ctx.dataset, budget=bench_budget(r),
+                           config=bench_config(r), extra_rows=extra, reporter=ctx.reporter, reference_models=models)
+    finally:
+        exports.cleanup()
     write_reports(report, out)
     return report
+
+
+def bench_config(r: Recipe):  # noqa: ANN201
+    """The recipe's [bench] timing settings (``runs`` is the older name of ``min_samples``)."""
+    from .bench import BenchConfig
+
+    b = r.bench
+    return BenchConfig(threads=b.get("threads"), min_samples=int(b.get("min_samples", b.get("runs", 1000))),
+                       min_seconds=float(b.get("min_seconds", 10.0)), engine=b.get("engine", "auto"))
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -823,6 +893,10 @@ def _run(
             break
     bundles = {t["name"]: outputs[f"compile:{t['name']}"] for t in r.targets if outputs[f"compile:{t['name']}"].is_dir()}
     breaches = list(report.breaches) if report is not None else []
+    if report is not None:  # a bundle that could not be loaded or run fails the run too
+        from .bench import failed_rows
+
+        failed += [f"bench: {m}" for m in failed_rows(report) if ": compile: " not in m]
     if not dry_run:
         write_json(r.out / "run.json", {
             "recipe": str(r.path), "name": r.name, "data": ctx.data_source,

@@ -158,9 +158,15 @@ def test_tiny_distill_end_to_end_records_teacher_recipe_and_report(tiny_ham, tmp
     assert json.loads((out / "report.json").read_text())["student_sha256"] == meta["sha256"]
     assert (out / "split.csv").is_file()
 
-    # a second run finds the finished student and skips it
+    # a second run finds the finished student and skips it; the skip path also puts the report's
+    # metrics into the student's JSON when they are missing there (an interrupted merge)
+    meta["metrics"].pop("test")
+    meta["metrics"].pop("test_vs_teacher")
+    res.checkpoint.write_text(json.dumps(meta))
     again = distill(teacher_dir, _tiny_cfg(init="scratch"), dataset=ds, split=split, out_dir=out, latency_runs=3)
     assert again.skipped and again.report == r
+    merged = json.loads(res.checkpoint.read_text())["metrics"]
+    assert merged["test"] == r["student"] and merged["test_vs_teacher"]["top1_agreement"] == r["top1_agreement"]
 
     # other settings in the same folder are refused rather than mixed
     with pytest.raises(Exception, match="different settings"):

@@ -75,6 +75,7 @@ on_miss = "keep"
 
 [bench]
 runs = 3
+min_seconds = 0
 """
 
 

@@ -289,3 +289,36 @@ def test_gpu_train_benchmark_runs_on_the_cpu(tiny_ham, tmp_path):
     assert set(rows) == {"edgeskin train", "plain loop", "model alone", "edgeskin distill"}
     assert all(row["images_per_s"] > 0 for row in result["rows"])
     assert result["machine"]["gpu"] is None and "| edgeskin train" in out.with_suffix(".md").read_text()
+
+
+def test_an_empty_or_too_small_validation_split_is_refused_before_training(tiny_ham, tmp_path):
+    from edgeskin.errors import ConfigError
+
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0, fractions=(0.8, 0.0, 0.2))
+    with pytest.raises(ConfigError, match="validation split has 0 image"):
+        train_ensemble(TrainConfig(**TINY), dataset=ds, split=split, out_dir=tmp_path / "nv", members=1)
+    assert not any((tmp_path / "nv").glob("member0*"))  # nothing trained, nothing written
+
+
+def test_an_interrupted_checkpoint_write_is_repaired_on_resume(tiny_ham, tmp_path):
+    """The weights and the JSON of the best checkpoint are two files. Interrupted between them, the
+    JSON's sha256 no longer matches its weights; on resume the next epoch writes both again (here lr 0,
+    so no later epoch would otherwise count as better and rewrite them)."""
+    from edgeskin.models import load_checkpoint
+
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    cfg = TrainConfig(**{**TINY, "epochs": 3, "lr": 0.0})
+    with pytest.raises(KeyboardInterrupt):
+        train_ensemble(cfg, dataset=ds, split=split, out_dir=tmp_path / "ck", members=1,
+                       reporter=InterruptAt("epoch 2/3"))
+    weights = tmp_path / "ck" / "member0.pt"
+    state = torch.load(weights, weights_only=True)
+    state["fc.1.bias"] = state["fc.1.bias"] + 1.0  # as if a newer best had been written, and not its JSON
+    torch.save(state, weights)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "ck" / "member0.json")
+    [r] = train_ensemble(cfg, dataset=ds, split=split, out_dir=tmp_path / "ck", members=1)
+    assert r.best_epoch == 2  # the first epoch after the repair
+    load_checkpoint(tmp_path / "ck" / "member0.json")  # consistent again

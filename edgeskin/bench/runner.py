@@ -1,12 +1,18 @@
 """``edgeskin bench``: every bundle against the full-precision ensemble (and the FP32 student).
 
 Accuracy is measured through the runtime, each bundle in a process of its own (a crash or an
-error becomes that row's status); latency is batch 1 after warm-up, percentiles, threads
-recorded, plus throughput at larger batches, peak memory and load time. Drops come with
-paired bootstrap intervals and flips with McNemar's test. Budgets (points of drop against
-the FP32 student, or the ensemble when there is none, and a p90 latency ceiling) turn the
-bench into a release gate. numpy + the runtime: no torch unless the reference is an ensemble
-to evaluate here.
+error becomes that row's status, and a failed row fails the command). Latency is batch 1 in
+that process, two ways: model only, and end to end from an encoded image file in memory through
+decoding, preprocessing and the model, as a device pays for every image; runs continue until
+both have :data:`~edgeskin.bench.latency.P99_MIN_SAMPLES` samples and 10 seconds have passed
+(configurable). The ensemble and the FP32 student are timed the same way, exported to ONNX
+Runtime FP32 (the runtime they would ship in), never in torch eager. A host-proxy row (a
+TensorRT-form graph run in ONNX Runtime) keeps its accuracy but its latency is not a device's,
+so it is shown as "proxy". Drops (positive: worse) come with paired bootstrap intervals and flips
+with McNemar's test. The melanoma operating points are fitted on the validation split and
+applied to the reported one. Budgets (points of drop against the FP32 student, or the ensemble
+when there is none, and a p90 latency ceiling) turn the bench into a release gate. numpy + the
+runtime: no torch unless the reference is an ensemble to evaluate here.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +45,18 @@ class BudgetBreach(EdgeskinError):
     """At least one row misses the bench budget (exit code 4)."""
 
     exit_code = 4
+
+
+class ForcedRefused(EdgeskinError):
+    """A bundle written past its compile budget was refused (exit code 5)."""
+
+    exit_code = 5
+
+
+class RowFailed(EdgeskinError):
+    """At least one row could not be compiled, loaded or run (exit code 3)."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -84,15 +102,36 @@ class BenchBudget:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """``min_samples`` / ``min_seconds``: batch-1 timing runs until both hold (MLPerf-style);
+    ``max_seconds`` caps a very slow row. ``e2e_images``: how many real images of the bench
+    split feed the end-to-end timing (their encoded files, read into memory first)."""
+
     threads: int | None = None
-    runs: int = 50
+    min_samples: int = 1000
+    min_seconds: float = 10.0
+    max_seconds: float = 600.0
     warmup: int = 10
+    e2e_images: int = 32
     batch_sizes: tuple[int, ...] = (8,)
     n_boot: int = 1000
     seed: int = 0
     specificity: float = 0.90
     engine: str = "auto"
     timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        checks = [("min_samples", self.min_samples >= 1, "at least 1"),
+                  ("min_seconds", self.min_seconds >= 0, "0 or more"),
+                  ("max_seconds", self.max_seconds > 0, "more than 0"),
+                  ("warmup", self.warmup >= 0, "0 or more"), ("e2e_images", self.e2e_images >= 1, "at least 1"),
+                  ("threads", self.threads is None or self.threads >= 1, "at least 1"),
+                  ("specificity", 0 < self.specificity < 1, "between 0 and 1")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"bench {name} = {getattr(self, name)!r} is out of range",
+                                  f"{name.replace('_', '-')} must be {want}")
+        if self.engine not in ("auto", "tensorrt", "onnxruntime"):
+            raise ConfigError(f"bench engine {self.engine!r}", "choose auto, tensorrt or onnxruntime")
 
 
 @dataclass
@@ -112,8 +151,12 @@ class BenchReport:
 
 def row_metrics(probs: np.ndarray, y: np.ndarray, codes: Sequence[str], *, ensemble: np.ndarray,
                 student: np.ndarray | None, mel_threshold_ens: float | None, specificity: float,
-                n_boot: int, seed: int) -> dict[str, Any]:
-    """Everything a bench row reports about accuracy, against the ensemble (and the student)."""
+                n_boot: int, seed: int, mel_threshold: float | None = None,
+                thresholds_from: str = "val") -> dict[str, Any]:
+    """Everything a bench row reports about accuracy, against the ensemble (and the student).
+
+    ``mel_threshold``: this row's threshold on P(mel) for ``specificity``, fitted on validation
+    (None: fitted on ``probs`` itself, which ``thresholds_from`` then says)."""
     codes = list(codes)
     rep = classification_report(probs, y, codes)
     ens = classification_report(ensemble, y, codes)
@@ -172,10 +215,10 @@ def row_metrics(probs: np.ndarray, y: np.ndarray, codes: Sequence[str], *, ensem
             s, sp = sensitivity_specificity(probs[:, k], is_mel, mel_threshold_ens)
             out["mel_at_ensemble_operating_point"] = {"threshold": mel_threshold_ens, "sensitivity": s,
                                                       "specificity": sp}
-        t = threshold_at_specificity(probs[:, k], is_mel, specificity)
+        t = mel_threshold if mel_threshold is not None else threshold_at_specificity(probs[:, k], is_mel, specificity)
         s, sp = sensitivity_specificity(probs[:, k], is_mel, t)
         out["mel_at_fixed_specificity"] = {"target_specificity": specificity, "threshold": t, "sensitivity": s,
-                                           "specificity": sp}
+                                           "specificity": sp, "fitted_on": thresholds_from}
     mal = [codes.index(c) for c in MALIGNANT_CODES if c in codes]
     if len(mal) == len(MALIGNANT_CODES):
         p_mal = probs[:, mal].sum(1)
@@ -192,16 +235,17 @@ def compile_failed_row(target: str, precision: str, message: str) -> dict[str, A
     return {"row": f"{target}/{precision}", "kind": "bundle", "status": "failed", "error": f"compile: {message}"}
 
 
-def bench_inputs(dataset: Dataset, ref: ReferencePredictions) -> Dataset:
-    """The data set's samples for the reference's images, in the reference's order, with the
-    labels checked against it."""
+def bench_inputs(dataset: Dataset, ref: ReferencePredictions, which: str = "bench") -> Dataset:
+    """The data set's samples for the reference's images (``which="val"``: its validation images),
+    in the reference's order, with the labels checked against it."""
+    ids, targets = (ref.image_ids, ref.targets) if which == "bench" else (ref.val["image_ids"], ref.val["targets"])
     by_id = {s.image_id: s for s in dataset.samples}
-    missing = [i for i in ref.image_ids if i not in by_id]
+    missing = [i for i in ids if i not in by_id]
     if missing:
         raise DataError(f"{len(missing)} reference image(s) are not in {dataset.source} (e.g. {missing[0]})",
                         "pass the --data the reference predictions were made on")
-    samples = [by_id[i] for i in ref.image_ids]
-    wrong = [s.image_id for s, t in zip(samples, ref.targets) if s.dx != ref.codes[int(t)]]
+    samples = [by_id[i] for i in ids]
+    wrong = [s.image_id for s, t in zip(samples, targets) if s.dx != ref.codes[int(t)]]
     if wrong:
         raise DataError(f"{len(wrong)} image(s) have another label in {dataset.source} than in the reference "
                         f"(e.g. {wrong[0]})", "the data set or the reference file changed; make the reference again")
@@ -226,38 +270,74 @@ def run_bench(
     gated: Sequence[str | os.PathLike] | None = None,
     reporter: Reporter | None = None,
     workdir: str | os.PathLike | None = None,
+    reference_models: Mapping[str, dict[str, Any]] | None = None,
 ) -> BenchReport:
     """Bench ``bundles`` against ``reference`` on the reference's images of ``dataset``.
 
     ``extra_rows`` are rows made elsewhere (e.g. a target that failed to compile) added as
     they are. ``gated``: the bundles the budget applies to (default: all). Budgets against the
     student apply to bundles made from the student; any other bundle is held to the ensemble.
-    Returns the report; budget breaches are listed in it (the CLI turns them into a non-zero
-    exit).
+    ``reference_models``: the ensemble and the student exported to ONNX (``{row: {"path",
+    "preprocess", "output"}}``, see :func:`~edgeskin.bench.reference.export_reference_models`):
+    their rows are timed like the bundles. Without them (a predictions file, e.g. on a device)
+    the reference rows carry no latency here; what the build machine measured stays in the
+    report's JSON under ``build_machine_latency``.
+    Returns the report; budget breaches and failed rows are listed in it (the CLI turns them into
+    a non-zero exit).
     """
     reporter = reporter or NullReporter()
     codes = list(reference.codes)
     y = reference.targets
     ens = reference.probs["ensemble"]
     student = reference.probs.get("student")
-    t_ens = None
-    if "mel" in codes:
-        t_ens = threshold_at_specificity(ens[:, codes.index("mel")], y == codes.index("mel"), config.specificity)
+    val = reference.val
+    mel = codes.index("mel") if "mel" in codes else None
+    thresholds_from = "val" if val is not None else "the reported split itself (no validation predictions)"
+
+    def fitted(p_val: np.ndarray | None, p_test: np.ndarray) -> float | None:
+        if mel is None:
+            return None
+        if val is not None and p_val is not None:
+            return threshold_at_specificity(p_val[:, mel], val["targets"] == mel, config.specificity)
+        return threshold_at_specificity(p_test[:, mel], y == mel, config.specificity)
+
+    t_ens = fitted(val["probs"].get("ensemble") if val else None, ens)
     common = dict(ensemble=ens, student=student, mel_threshold_ens=t_ens, specificity=config.specificity,
-                  n_boot=config.n_boot, seed=config.seed)
-    rows: list[dict[str, Any]] = []
-    for name, p in reference.probs.items():
-        info = reference.info.get("rows", {}).get(name, {})
-        rows.append({"row": name if name != "student" else "student/fp32", "kind": "reference", "status": "ok",
-                     **{k: v for k, v in info.items() if k in ("latency_batch1", "engine", "size_bytes", "threads")},
-                     **row_metrics(p, y, codes, **common)})
+                  n_boot=config.n_boot, seed=config.seed, thresholds_from="val" if val is not None else "reported")
     samples = bench_inputs(dataset, reference)
+    val_samples = bench_inputs(dataset, reference, which="val") if val is not None else None
+    e2e = samples.samples[: config.e2e_images]
     tmp = tempfile.TemporaryDirectory(prefix="edgeskin-bench-", dir=workdir)
-    inputs: dict[str, Path] = {}
+    inputs: dict[str, tuple[Path, Path | None]] = {}
+    rows: list[dict[str, Any]] = []
     try:
+        ctx = _Ctx(samples, val_samples, [s.path for s in e2e], inputs, Path(tmp.name), codes, y, config, common,
+                   reporter, val["targets"] if val is not None else None, fitted)
+        for name, p in reference.probs.items():
+            info = reference.info.get("rows", {}).get(name, {})
+            row: dict[str, Any] = {"row": name if name != "student" else "student/fp32", "kind": "reference",
+                                   "status": "ok", **{k: v for k, v in info.items() if k in ("size_bytes",)}}
+            if info.get("latency_batch1"):
+                row["build_machine_latency"] = {k: info.get(k) for k in ("latency_batch1", "engine", "threads")}
+            model = (reference_models or {}).get(name)
+            if model is not None:
+                res = _measure(ctx, {"kind": "onnx", **model}, len(rows), row)
+                if res.get("status") == "ok":
+                    onnx_probs = res.pop("probs")
+                    res.pop("val_probs", None)
+                    # the exported graph must compute what was evaluated (a wrong export fails the row)
+                    res["onnx_max_abs_diff"] = float(np.max(np.abs(onnx_probs - p))) if len(p) else 0.0
+                    res["latency_engine"] = f"{res.get('engine')} {res.get('engine_version')} fp32 (exported)"
+                    if res["onnx_max_abs_diff"] > 1e-3:
+                        res = {"status": "failed", "error": f"the ONNX export of {name} differs from it by "
+                                                            f"{res['onnx_max_abs_diff']:.2e} in probability"}
+                row.update(res)
+            if row["status"] == "ok":
+                p_val = val["probs"].get(name) if val is not None else None
+                row.update(row_metrics(p, y, codes, **{**common, "mel_threshold": fitted(p_val, p)}))
+            rows.append(row)
         for i, b in enumerate(bundles):
-            rows.append(_bench_bundle(Path(b), i, samples, inputs, Path(tmp.name), codes, y, config, common,
-                                      reporter))
+            rows.append(_bench_bundle(Path(b), 100 + i, ctx))
     finally:
         tmp.cleanup()
     rows.extend(extra_rows)
@@ -278,13 +358,123 @@ def run_bench(
     if against == "auto":
         against = "student" if student is not None else "ensemble"
     breaches = check_budget(rows, budget, against)
-    return BenchReport(rows, {**asdict(config), "n_images": len(y), "split": reference.split},
+    return BenchReport(rows, {**asdict(config), "n_images": len(y), "split": reference.split,
+                              "thresholds_fitted_on": thresholds_from, "e2e_images": describe_images(e2e),
+                              "cpu": _cpu(), "device_mode": reference_models is None},
                        {**asdict(budget), "applied_against": against}, breaches,
                        {"sha256": reference.sha256(), "rows": sorted(reference.probs), **reference.info})
 
 
-def _bench_bundle(path: Path, i: int, samples: Dataset, inputs: dict[str, Path], tmp: Path, codes: list[str],
-                  y: np.ndarray, config: BenchConfig, common: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+def failed_rows(report: BenchReport) -> list[str]:
+    """``row: error`` for every row that could not be compiled, loaded or run."""
+    return [f"{r['row']}: {r.get('error', r.get('status'))}" for r in report.rows if r.get("status") == "failed"]
+
+
+def _cpu() -> str:
+    from .worker import cpu_model
+
+    return cpu_model()
+
+
+def describe_images(samples: Sequence[Any]) -> dict[str, Any]:
+    """What the end-to-end timing decodes: how many files, their most common resolution and sizes."""
+    from collections import Counter
+
+    from PIL import Image
+
+    sizes, res = [], Counter()
+    for s in samples:
+        try:
+            sizes.append(os.path.getsize(s.path))
+            with Image.open(s.path) as im:
+                res[f"{im.width}x{im.height}"] += 1
+        except OSError:
+            continue
+    return {"n": len(samples), "resolution": res.most_common(1)[0][0] if res else None,
+            "resolutions": dict(res), "mean_kb": (sum(sizes) / len(sizes) / 1024) if sizes else None,
+            "format": Path(samples[0].path).suffix.lstrip(".").upper() if samples else None}
+
+
+@dataclass
+class _Ctx:
+    samples: Dataset
+    val_samples: Dataset | None
+    e2e_paths: list[str]
+    inputs: dict[str, tuple[Path, Path | None]]
+    tmp: Path
+    codes: list[str]
+    y: np.ndarray
+    config: BenchConfig
+    common: dict[str, Any]
+    reporter: Reporter
+    val_y: np.ndarray | None
+    fitted: Any
+
+
+def _prepared(ctx: _Ctx, pre: Any, key: str) -> tuple[Path, Path | None]:
+    """The bench (and validation) images preprocessed once per input spec, as .npy files."""
+    if key not in ctx.inputs:
+        paths = []
+        for what, ds in (("bench", ctx.samples), ("validation", ctx.val_samples)):
+            if ds is None:
+                paths.append(None)
+                continue
+            ctx.reporter.start(f"preprocessing {len(ds)} {what} images ({pre.size} px, {pre.layout})", len(ds))
+            _, arrays = decode_dataset(ds, pre, progress=ctx.reporter.advance)
+            ctx.reporter.stop()
+            path = ctx.tmp / f"inputs-{len(ctx.inputs)}-{what}.npy"
+            np.save(path, eval_tensors(arrays, pre))
+            paths.append(path)
+        ctx.inputs[key] = (paths[0], paths[1])
+    return ctx.inputs[key]
+
+
+def _measure(ctx: _Ctx, model: dict[str, Any], i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """Run the worker on one model; returns its result with ``probs`` (and ``val_probs``) loaded,
+    or ``status: failed``."""
+    from ..preprocess import PreprocessConfig
+
+    cfg = ctx.config
+    try:
+        if model["kind"] == "onnx":
+            pre = PreprocessConfig.from_dict(model["preprocess"])
+            key = json.dumps(pre.to_dict(), sort_keys=True)
+        else:
+            pre, key = model["preprocess"], model["key"]
+        test_npy, val_npy = _prepared(ctx, pre, key)
+        spec = {"model": {k: v for k, v in model.items() if k != "key" and not (k == "preprocess" and model["kind"] != "onnx")},
+                "inputs": str(test_npy), "threads": cfg.threads, "min_samples": cfg.min_samples,
+                "min_seconds": cfg.min_seconds, "max_seconds": cfg.max_seconds, "warmup": cfg.warmup,
+                "batch_sizes": list(cfg.batch_sizes), "engine": cfg.engine, "images": ctx.e2e_paths,
+                "out_probs": str(ctx.tmp / f"probs-{i}.npy"), "result": str(ctx.tmp / f"result-{i}.json")}
+        if val_npy is not None:
+            spec.update(val_inputs=str(val_npy), out_val_probs=str(ctx.tmp / f"val-probs-{i}.npy"))
+        spec_path = ctx.tmp / f"spec-{i}.json"
+        spec_path.write_text(json.dumps(spec))
+        ctx.reporter.message(f"benching {row['row']} (batch-1 latency: at least {cfg.min_samples} runs and "
+                             f"{cfg.min_seconds:g} s, model only and end to end)")
+        proc = subprocess.run([sys.executable, "-m", "edgeskin.bench.worker", str(spec_path)], capture_output=True,
+                              text=True, timeout=cfg.timeout_s)
+        result_path = Path(spec["result"])
+        if not result_path.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            raise EdgeskinError(f"the engine process died (exit {proc.returncode}): {tail[0][:300]}")
+        res = json.loads(result_path.read_text())
+        if res["status"] != "ok":
+            raise EdgeskinError(res.get("error", "failed"))
+        res["probs"] = np.load(res["probs"])
+        if "val_probs" in res:
+            res["val_probs"] = np.load(res["val_probs"])
+        return res
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"timed out after {cfg.timeout_s:.0f} s"}
+    except EdgeskinError as exc:
+        return {"status": "failed", "error": exc.message}
+    except Exception as exc:  # noqa: BLE001 - one bad model must not stop the bench
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _bench_bundle(path: Path, i: int, ctx: _Ctx) -> dict[str, Any]:
     row: dict[str, Any] = {"row": path.name, "kind": "bundle", "bundle": str(path)}
     try:
         reader = BundleReader(path)
@@ -294,39 +484,22 @@ def _bench_bundle(path: Path, i: int, samples: Dataset, inputs: dict[str, Path],
         row.update(row=f"{m.target}/{m.precision}", target=m.target, precision=m.precision,
                    source_sha256=(m.provenance.get("model") or {}).get("sha256"),
                    source_model=(m.provenance.get("model") or {}).get("name"),
+                   forced=bool(m.accuracy.get("forced")),
                    size_bytes=int(m.files.get(m.model_file, {}).get("bytes", 0)),
                    bundle_bytes=int(sum(f.get("bytes", 0) for f in m.files.values())))
-        if list(m.labels) != codes:
-            raise ConfigError(f"class order {list(m.labels)} differs from the reference's {codes}",
+        if list(m.labels) != ctx.codes:
+            raise ConfigError(f"class order {list(m.labels)} differs from the reference's {ctx.codes}",
                               "bench bundles made from models of the reference's label set")
-        key = _spec_key(m.input)
-        if key not in inputs:
-            pre = m.input.preprocess_config()
-            reporter.start(f"preprocessing {len(samples)} images ({pre.size} px, {pre.layout})", len(samples))
-            _, arrays = decode_dataset(samples, pre, progress=reporter.advance)
-            reporter.stop()
-            inputs[key] = tmp / f"inputs-{len(inputs)}.npy"
-            np.save(inputs[key], eval_tensors(arrays, pre))
-        spec = {"bundle": str(path), "inputs": str(inputs[key]), "threads": config.threads, "runs": config.runs,
-                "warmup": config.warmup, "batch_sizes": list(config.batch_sizes), "engine": config.engine,
-                "out_probs": str(tmp / f"probs-{i}.npy"), "result": str(tmp / f"result-{i}.json")}
-        spec_path = tmp / f"spec-{i}.json"
-        spec_path.write_text(json.dumps(spec))
-        reporter.message(f"benching {row['row']} ({path})")
-        proc = subprocess.run([sys.executable, "-m", "edgeskin.bench.worker", str(spec_path)], capture_output=True,
-                              text=True, timeout=config.timeout_s)
-        result_path = Path(spec["result"])
-        if not result_path.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-            raise EdgeskinError(f"the engine process died (exit {proc.returncode}): {tail[0][:300]}")
-        res = json.loads(result_path.read_text())
-        if res["status"] != "ok":
-            raise EdgeskinError(res.get("error", "failed"))
-        probs = np.load(res.pop("probs"))
+        res = _measure(ctx, {"kind": "bundle", "path": str(path), "preprocess": m.input.preprocess_config(),
+                             "key": _spec_key(m.input)}, i, row)
+        if res.get("status") != "ok":
+            row.update(status="failed", error=res.get("error", "failed"))
+            return row
+        probs = res.pop("probs")
+        val_probs = res.pop("val_probs", None)
         row.update(res)
-        row.update(row_metrics(probs, y, codes, **common))
-    except subprocess.TimeoutExpired:
-        row.update(status="failed", error=f"timed out after {config.timeout_s:.0f} s")
+        row.update(row_metrics(probs, ctx.y, ctx.codes,
+                               **{**ctx.common, "mel_threshold": ctx.fitted(val_probs, probs)}))
     except EdgeskinError as exc:
         row.update(status="failed", error=exc.message)
     except Exception as exc:  # noqa: BLE001 - one bad bundle must not stop the bench
@@ -355,7 +528,10 @@ def check_budget(rows: list[dict[str, Any]], budget: BenchBudget, against: str) 
             v = drops.get(k)
             if limit is not None and v is not None and v > limit + 1e-9:
                 out.append(f"{r['row']}: {k} drop {v:.2f} points vs the {vs} > {limit:g}")
-        lat = (r.get("latency_batch1") or {}).get("p90_ms")
-        if budget.max_latency_ms is not None and lat is not None and lat > budget.max_latency_ms:
-            out.append(f"{r['row']}: p90 latency {lat:.1f} ms > {budget.max_latency_ms:g} ms")
+        timed = r.get("latency_e2e") or r.get("latency_batch1") or {}
+        lat = timed.get("p90_ms")
+        if budget.max_latency_ms is not None and lat is not None and not r.get("host_proxy") \
+                and lat > budget.max_latency_ms:
+            kind = "end-to-end" if r.get("latency_e2e") else "model-only"
+            out.append(f"{r['row']}: p90 {kind} latency {lat:.1f} ms > {budget.max_latency_ms:g} ms")
     return out

@@ -30,7 +30,8 @@ def mcnemar(ref_correct: np.ndarray, new_correct: np.ndarray) -> dict[str, float
         m = max(logs)
         tail = math.exp(m) * sum(math.exp(v - m) for v in logs)
         p = min(1.0, 2.0 * tail)
-    chi2 = 0.0 if n == 0 else (abs(b - c) - 1) ** 2 / n
+    # Edwards' continuity correction; no discordance beyond the correction means no evidence (0)
+    chi2 = 0.0 if n == 0 else max(0, abs(b - c) - 1) ** 2 / n
     return {"b": b, "c": c, "discordant": n, "chi2_cc": float(chi2), "p_value": float(p)}
 
 

@@ -33,6 +33,20 @@ OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
 }
 
 
+def _types() -> dict[str, Any]:
+    """What each option's value may be (checked before anything is compiled)."""
+    from ..validate import AnyOf, Bool, Int, ListOf, Num, Str
+
+    text = Str()
+    return {
+        "device": text, "subset_size": Int(1, 10**6), "first_conv_float": Bool(), "fast_bias_correction": Bool(),
+        "preset": text, "ignore": ListOf(text), "head_float": Bool(), "range_estimator": text,
+        "max_drop_int8": Num(0, 100), "float_fallback": Num(0, 1), "fallback_max_layers": Int(0, 10_000),
+        "control_metric": text, "opset": Int(7, 30), "jetpack": AnyOf((text, Num(0, 100))), "layout": text,
+        "int8_adds": Bool(), "observer": text,
+    }
+
+
 def device_for_alias(target: Any, typed: str) -> str | None:
     """A target named by a device alias (``ios``, ``android``, ``cpu``) compiles for that device."""
     from ..profiles import load_profiles
@@ -60,6 +74,11 @@ def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: s
         if users is not None and target.name not in users and opts[key] != OPTIONS[key][0]:
             raise ConfigError(f"{where + ': ' if where else ''}option {key!r} does not apply to target {target.name!r}",
                               f"it is for: {', '.join(users)}")
+    from ..validate import check
+
+    types = _types()
+    for key, value in opts.items():
+        check(value, types[key], key=key, where=where or "compile")
     val = {k: opts.get(k, d) for k, (d, _) in OPTIONS.items()}
     device = val["device"] or device_for_alias(target, typed)
     if target.name == "tflite":

@@ -67,6 +67,31 @@ def _barrier() -> None:
 bf16_supported = cpu_has_bf16
 
 
+def _checkpoint_consistent(meta: Path) -> bool:
+    """Whether ``NAME.json`` and the weights it names agree (sha256); True when neither exists."""
+    from ..fileio import sha256_file
+
+    if not meta.is_file():
+        return not meta.with_suffix(".pt").is_file()
+    try:
+        m = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    weights = meta.parent / str(m.get("weights", meta.with_suffix(".pt").name))
+    return weights.is_file() and sha256_file(weights) == m.get("sha256")
+
+
+def check_validation(n_val: int, labels: LabelSet, where: str) -> None:
+    """Training early-stops and keeps its best checkpoint by validation balanced accuracy: refuse
+    an empty or too-small validation split before any training starts."""
+    if n_val < labels.num_classes:
+        raise ConfigError(
+            f"{where}: the validation split has {n_val} image(s), fewer than the {labels.num_classes} classes: "
+            "training could not choose its best epoch",
+            "give the split a validation share (e.g. --fractions 0.7,0.1,0.2) or use more data",
+        )
+
+
 def _wrap_ddp(model: nn.Module, compute: Compute) -> nn.Module:
     """DistributedDataParallel over the parameters that train *now*.
 
@@ -212,6 +237,12 @@ def fit(
         bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
         resumed_from = start_epoch
         reporter.message(f"{out.name}: resuming after epoch {start_epoch} of {cfg.epochs}")
+        if not _checkpoint_consistent(meta):
+            # interrupted between writing the best weights and their JSON: the pair no longer
+            # matches. The next epoch counts as the best so far and writes both again.
+            best_score, bad_epochs = -1.0, 0
+            reporter.message(f"{out.name}: the best checkpoint's weights and JSON disagree (an interrupted write); "
+                             "the next epoch writes both again")
 
     if start_epoch >= freeze_epochs:  # resumed after the warm-up: the stages it unfroze train again
         set_trainable(model, cfg.arch, stages)
@@ -438,6 +469,7 @@ def train_ensemble(
     pre = cfg.preprocess
     train_set = split.apply(dataset, "train")
     val_set = split.apply(dataset, "val")
+    check_validation(len(val_set.samples), labels, split.source or "the split")
     train_set, train_arrays = decode_with_progress(train_set, pre, what="training", reporter=reporter,
                                                    skip_bad=skip_bad)
     val_set, val_x, val_y = load_eval_set(val_set, pre, labels, what="validation", reporter=reporter,
