@@ -141,11 +141,18 @@ def test_readme_main_command_runs(ham_data, tmp_path):
     assert 'edgeskin run "${RECIPE:-recipes/quick.toml}"' in (REPO / "scripts" / "main.sh").read_text()
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY.replace('[data]\npath = "ham"\n', "").replace("size = 24\n", "size = 48\n"))
-    env = {**os.environ, "EDGESKIN_DATA": str(ham_data), "RECIPE": str(recipe), "COLUMNS": "200"}
+    env = {**os.environ, "EDGESKIN_DATA": str(ham_data), "RECIPE": str(recipe), "COLUMNS": "100"}
     r = subprocess.run(["bash", "scripts/main.sh"], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"data: {ham_data} (EDGESKIN_DATA)" in r.stderr
+    log = r.stdout + r.stderr
+    # no third-party chatter (NNCF INFO lines and progress bars, LiteRT converter stages, absl/oneDNN,
+    # TFLite delegate notices) unless --verbose; the final table reads in full at 100 columns
+    for noise in ("INFO:nncf", "Statistics collection", "[START]", "absl::", "oneDNN", "XNNPACK delegate", "torch/utils/"):
+        assert noise not in log, noise
+    table = r.stdout[r.stdout.index("edgeskin bench:"):]
+    assert "…" not in table and all(len(line) <= 100 for line in table.splitlines())
     rep = json.loads((tmp_path / "out" / "bench" / "report.json").read_text())
     rows = {row["row"].split(" ")[0]: row for row in rep["rows"]}
     assert {"ensemble", "student/fp32", "cpu/int8", "jetson/int8", "tflite/int8"} <= set(rows)

@@ -111,8 +111,11 @@ def quantize_onnx(
     record: dict[str, Any] = {"tool": "nncf", "nncf_version": nncf.__version__, "options": options.to_dict(),
                               "ignored_nodes": names, "calibration_samples": subset}
     try:
-        return _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,
-                    AdvancedAccuracyRestorerParameters)
+        from ..quiet import third_party_output
+
+        with third_party_output():  # NNCF's INFO lines and progress bars (shown with --verbose)
+            return _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,
+                        AdvancedAccuracyRestorerParameters)
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a toolchain failure becomes a clear error

@@ -83,10 +83,13 @@ class LiteRTBackend:
     handles_quantization = True
 
     def __init__(self, model: bytes, *, threads: int | None = None) -> None:
+        from ..quiet import third_party_output
+
         Interpreter, self.package, self.version = _litert_interpreter()
         self.threads = threads
-        self.interpreter = Interpreter(model_content=model, num_threads=threads or None)
-        self.interpreter.allocate_tensors()
+        with third_party_output(native=True):  # the delegate's INFO notice (C++, on stderr)
+            self.interpreter = Interpreter(model_content=model, num_threads=threads or None)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.input_quant = quant_params(self.input)

@@ -142,6 +142,14 @@ def io_details(model: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
             {"dtype": np.dtype(b.output["dtype"]).name, "quant": b.output_quant, "shape": list(b.output["shape"])})
 
 
+def _quiet(convert: Any) -> Any:
+    """The converter's C++ start-up lines (absl, oneDNN) stay out of the log unless --verbose."""
+    from ..quiet import third_party_output
+
+    with third_party_output(native=True):
+        return convert()
+
+
 class TfliteTarget(Target):
     name = "tflite"
     aliases = ("android", "ios", "phone", "litert")
@@ -183,7 +191,7 @@ class TfliteTarget(Target):
         if precision in self.needs_calibration and calibration is None:
             raise ConfigError(f"{self.name}/{precision} needs a calibration set",
                               "make one with `edgeskin calib make` and pass --calib calibration/NAME.json")
-        litert_torch = require("litert_torch", extra="tflite", purpose="compiling for phones (LiteRT)")
+        litert_torch = _quiet(lambda: require("litert_torch", extra="tflite", purpose="compiling for phones (LiteRT)"))
         import torch
 
         from ..profiles import get_profile
@@ -209,19 +217,14 @@ class TfliteTarget(Target):
         sample = (torch.from_numpy(to_layout(val_x[:1])),)
         record: dict[str, Any] = {"converter": "litert-torch", "layout": layout}
         reporter.message(f"converting {ck.name} to LiteRT {precision} ({layout} input)")
+        from ..quiet import third_party_output
+
         try:
-            if precision == "fp32":
-                data = litert_torch.convert(net, sample).model_content()
-            elif precision == "fp16":
-                data = to_fp16(litert_torch.convert(net, sample).model_content())
-                record["fp16"] = "float16 weights (ai-edge-quantizer FLOAT_CASTING), float32 compute and I/O"
-            else:
-                assert calibration is not None
-                data, qrec = self._int8(litert_torch, net, calibration, dataset, split, pre, to_layout, sample,
-                                        int8_adds=int8_adds, observer=observer, subset_size=subset_size,
-                                        float_modules=STEMS.get(ck.config["arch"], ()) if first_conv_float else (),
-                                        reporter=reporter)
-                record.update(qrec)
+            with third_party_output():  # the converter's stage lines (shown with --verbose)
+                data = self._convert(litert_torch, net, sample, precision, calibration, dataset, split, pre,
+                                     to_layout, record, int8_adds=int8_adds, observer=observer,
+                                     subset_size=subset_size, first_conv_float=first_conv_float, ck=ck,
+                                     reporter=reporter)
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - a converter failure becomes a clear error
@@ -272,6 +275,22 @@ class TfliteTarget(Target):
         finally:
             reporter.stop()
 
+    def _convert(self, litert_torch: Any, net: Any, sample: Any, precision: str, calibration: Any, dataset: Any,
+                 split: Any, pre: Any, to_layout: Any, record: dict[str, Any], *, int8_adds: bool, observer: str,
+                 subset_size: int, first_conv_float: bool, ck: Any, reporter: Any) -> Any:
+        if precision == "fp32":
+            return _quiet(lambda: litert_torch.convert(net, sample).model_content())
+        if precision == "fp16":
+            record["fp16"] = "float16 weights (ai-edge-quantizer FLOAT_CASTING), float32 compute and I/O"
+            return to_fp16(_quiet(lambda: litert_torch.convert(net, sample).model_content()))
+        assert calibration is not None
+        data, qrec = self._int8(litert_torch, net, calibration, dataset, split, pre, to_layout, sample,
+                                int8_adds=int8_adds, observer=observer, subset_size=subset_size,
+                                float_modules=STEMS.get(ck.config["arch"], ()) if first_conv_float else (),
+                                reporter=reporter)
+        record.update(qrec)
+        return data
+
     def _int8(self, litert_torch: Any, net: Any, calibration: CalibrationSet, dataset: Dataset, split: Split,
               pre: Any, to_layout: Any, sample: tuple, *, int8_adds: bool, observer: str, subset_size: int,
               float_modules: tuple[str, ...], reporter: Reporter) -> tuple[bytes, dict[str, Any]]:
@@ -301,7 +320,7 @@ class TfliteTarget(Target):
                 reporter.advance(1)
         reporter.stop()
         g = convert_pt2e(g, fold_quantize=False)
-        data = litert_torch.convert(g, sample, quant_config=QuantConfig(pt2e_quantizer=q)).model_content()
+        data = _quiet(lambda: litert_torch.convert(g, sample, quant_config=QuantConfig(pt2e_quantizer=q)).model_content())
         return bytes(data), {"quantization": "PT2E static: per-channel symmetric INT8 weights, per-tensor INT8 "
                                              "activations; classifier in float",
                              "observer": observer, "calibration_samples": len(cal),
