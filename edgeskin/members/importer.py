@@ -314,7 +314,7 @@ def import_members(
 
         subset = _check_subset(dataset, split, split_name, check_images)
         pres = [_pre_of(st) for st in staged]
-        kept, inputs, y = eval_inputs(subset, pres + [m.preprocess for m in existing], label_set,
+        _, inputs, y = eval_inputs(subset, pres + [m.preprocess for m in existing], label_set,
                                       what="check", reporter=reporter)
         records: list[dict[str, Any]] = []
         new_members = []
@@ -368,6 +368,9 @@ def import_members(
             meta = stage / f"{st.name}.json"
             write_json(meta, st.config)
             st.files.append(meta)
+            clash = [f.name for f in st.files if (out / f.name).exists()]
+            if clash:
+                raise ConfigError(f"{out}: already holds {', '.join(clash)}", "pass --name NEW_NAME")
         _commit(stage, out, staged, split, existing)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
