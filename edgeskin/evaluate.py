@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import Dataset, Split, load_eval_set
+from .data import Dataset, Split
 from .labels import LabelSet
 from .metrics import classification_report
 from .progress import NullReporter, Reporter

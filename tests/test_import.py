@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from _bundles import run_cli
-from edgeskin.errors import CheckpointError, ConfigError, EdgeskinError
+from edgeskin.errors import CheckpointError, ConfigError
 from edgeskin.preprocess import CAFFE_MEAN, IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, normalize
 
 torch.set_num_threads(2)

@@ -296,10 +296,6 @@ class ForeignMember:
         """Give back what ``probs`` holds on an accelerator (nothing by default)."""
 
 
-def member_file(config: dict[str, Any], path: Path) -> Path:
-    return Path(path).parent / str(config["weights"])
-
-
 def display(path: str | os.PathLike) -> str:
     p = Path(path)
     try:

@@ -4,7 +4,7 @@ cases, overridden by a small TOML file, overridden by command-line options."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,3 @@ def read_declaration(path: str | os.PathLike) -> Declaration:
         return Declaration(**kw)
     except TypeError as exc:
         raise ConfigError(f"{p}: bad value ({exc})", "see docs/byo-ensemble.md") from None
-
-
-def with_channel_order(pre: PreprocessConfig, order: str) -> PreprocessConfig:
-    return replace(pre, channel_order=order)

@@ -91,7 +91,3 @@ def load_members(path: str | os.PathLike) -> list[Any]:
                                   f"{list(first.labels.codes)}",
                                   "an ensemble's members must share the class order; re-import with --labels")
     return members
-
-
-def ensemble_digest_record(members: list[Any]) -> list[dict[str, str]]:
-    return [{"name": m.name, "sha256": m.sha256, "source": getattr(m, "source", "edgeskin")} for m in members]
