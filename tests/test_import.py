@@ -448,6 +448,8 @@ def test_timm_resnet50_safetensors_import_distill_bench(tiny_ham, tmp_path):
                 "--init", "scratch", "--pretrained", "none", "--bf16", "off", "--device", "cpu", "--latency-runs", "0",
                 "--no-augment")
     assert r.returncode == 0, r.stdout + r.stderr
+    spre = json.loads((student / "student.json").read_text())["preprocess"]  # its own, not timm's bicubic
+    assert spre["interpolation"] == "bilinear" and spre["size"] == 64 and spre["mean"] == pytest.approx(IMAGENET_MEAN)
     from edgeskin.data import read_split
     from edgeskin.targets import get_target
 
