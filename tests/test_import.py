@@ -24,6 +24,9 @@ from edgeskin.errors import CheckpointError, ConfigError
 from edgeskin.preprocess import CAFFE_MEAN, IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, normalize
 
 torch.set_num_threads(2)
+# Keras (torch backend) and torch.onnx's tracer are chatty; their warnings say nothing about edgeskin
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
 
 
 # ---------------------------------------------------------------- helpers
@@ -467,8 +470,8 @@ def test_timm_resnet50_safetensors_import_distill_bench(tiny_ham, tmp_path):
 # ---------------------------------------------------------------- Keras
 
 def test_keras_resnet50_matches_keras_own_predict(tiny_ham, tmp_path):
-    """A keras.applications.ResNet50 (7 classes) trained for a few steps so its predictions vary
-    across images, saved as .keras and imported with the keras-resnet50 preset: edgeskin's
+    """A keras.applications.ResNet50 (7 classes) trained for a step so its predictions vary
+    across images, saved as .keras (and legacy .h5) and imported with the keras-resnet50 preset: edgeskin's
     probabilities equal Keras' predict after keras.applications.resnet50.preprocess_input on the
     same crops, within 1e-3 (the two engines' float32 difference; the preprocessing matches exactly)."""
     if os.environ.get("KERAS_BACKEND", "torch") != "torch":
@@ -524,6 +527,13 @@ def test_keras_resnet50_matches_keras_own_predict(tiny_ham, tmp_path):
 
     [member] = load_members(ens)
     np.testing.assert_allclose(member.probs(x), got, atol=1e-6)
+
+    # the legacy HDF5 file of the same model imports to the same member
+    model.save(tmp_path / "k_h5.h5")
+    import_api([tmp_path / "k_h5.h5"], tmp_path / "h5-ens", data=tiny_ham, n=8, preset="keras-resnet50")
+    h5 = evaluate(tmp_path / "h5-ens", dataset=few, split=None).probs["k_h5"]
+    np.testing.assert_allclose(h5, got, atol=1e-6)
+    assert json.loads((tmp_path / "h5-ens" / "k_h5.json").read_text())["source"]["file"] == "k_h5.h5"
 
 
 # ---------------------------------------------------------------- compile --member with an ONNX member
