@@ -671,3 +671,25 @@ def test_state_dict_heads_are_mapped_and_misfits_listed(tmp_path):
         fit_state(build("torchvision:resnet18", 7), broken, tmp_path / "broken.pth")
     assert "missing keys ['layer4.1.bn2.running_mean']" in str(e.value)
     assert "unexpected keys ['extra.weight']" in str(e.value) and "--arch" in e.value.hint
+
+
+def test_onnx_members_import_and_evaluate_without_torch(tiny_ham, tiny_onnx, tmp_path):
+    """An ONNX member runs in ONNX Runtime: importing and evaluating it never imports torch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch fails from here on
+from edgeskin.data import load_dataset
+from edgeskin.evaluate import evaluate
+from edgeskin.members.declare import Declaration
+from edgeskin.members.importer import import_members
+ds = load_dataset({str(tiny_ham)!r})
+import_members([{str(tiny_onnx["keras"])!r}], {str(tmp_path / "ens")!r}, Declaration(preset="keras-resnet50"),
+               dataset=ds, check_images=8)
+ev = evaluate({str(tmp_path / "ens")!r}, dataset=ds, split=None)
+print("top1", ev.reports["tiny_keras"]["top1"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "top1" in r.stdout, r.stderr

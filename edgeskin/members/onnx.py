@@ -15,7 +15,7 @@ from .base import ForeignMember
 
 def read_onnx(path: Path) -> Any:
     """Load and check an ONNX file (external data included); a clear error for anything else."""
-    onnx = require("onnx", extra="runtime", purpose="importing an ONNX member")
+    onnx = require("onnx", extra="compress", purpose="importing an ONNX member")
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
