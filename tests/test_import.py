@@ -580,6 +580,15 @@ def test_onnx_member_compiles_for_cpu_converted_down_and_tflite_names_the_route(
             got = pred.probabilities(np.stack([pred.tensor(p) for p in images]))
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
 
+    # int8: calibration images go through the member's own preprocessing, like every other stage
+    from edgeskin.calibration import make_calibration_set
+
+    # (an NHWC, caffe-mode graph: calibration tensors in edgeskin's own NCHW form would not even run)
+    cal = make_calibration_set(ds, split, size=16, seed=0, force=True)
+    q = cpu.compile(ens, member="k20", precision="int8", dataset=ds, split=split, out=tmp_path / "k8.edgeskin",
+                    calibration=cal, threads=1, force=True)
+    qman = json.loads((q.bundle / "manifest.json").read_text())
+    assert qman["precision"] == "int8" and qman["input"]["normalization"] == "caffe" and q.check["n"] > 0
     # jetson: the device profile's highest opset applies (JetPack 5.1's TensorRT 8.5 parses opset 17)
     jet = get_target("jetson").compile(ens, member="k20", precision="fp32", dataset=ds, split=split,
                                        out=tmp_path / "k20.jetson.edgeskin", device="jetson-orin-nano", jetpack="5.1",
