@@ -702,3 +702,10 @@ print("top1", ev.reports["tiny_keras"]["top1"])
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "top1" in r.stdout, r.stderr
+
+
+def test_an_undeclared_input_convention_is_refused(tiny_ham, tiny_onnx, tmp_path):
+    r = run_cli("import", str(tiny_onnx["keras"]), "--out", str(tmp_path / "ens"), "--data", str(tiny_ham))
+    assert r.returncode == 2 and "how the model expects its input is not declared" in r.stderr, r.stderr
+    assert "--preset keras-resnet50" in r.stderr
+    nothing_written(tmp_path, tmp_path / "ens")

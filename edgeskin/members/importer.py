@@ -137,6 +137,12 @@ def _stage(src: Path, fmt: str, name: str, decl: Declaration, stage: Path, label
         raise ConfigError(f"{src}: file not found", "check the path")
     if src.stat().st_size == 0:
         raise CheckpointError(f"{src}: the file is empty", "re-copy or re-export the model")
+    if fmt in ("onnx", "keras") and decl.preset is None and decl.normalization is None:
+        raise ConfigError(f"{src}: how the model expects its input is not declared",
+                          "pass --preset keras-resnet50 | keras-tf | torchvision | timm | edgeskin, or declare "
+                          "--normalization (and --channel-order, --input-range, --mean/--std) yourself")
+    if fmt == "torchvision" and decl.preset is None:
+        decl = replace(decl, preset="torchvision")  # torchvision's own recipe, unless declared otherwise
     config: dict[str, Any] = {"format": MEMBER_FORMAT, "format_version": MEMBER_FORMAT_VERSION, "name": name}
     keras_model = None
     model_obj = None
