@@ -23,7 +23,6 @@ from _bundles import run_cli
 from edgeskin.errors import CheckpointError, ConfigError
 from edgeskin.preprocess import CAFFE_MEAN, IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, normalize
 
-torch.set_num_threads(2)
 # Keras (torch backend) and torch.onnx's tracer are chatty; their warnings say nothing about edgeskin
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
