@@ -708,3 +708,36 @@ def test_an_undeclared_input_convention_is_refused(tiny_ham, tiny_onnx, tmp_path
     assert r.returncode == 2 and "how the model expects its input is not declared" in r.stderr, r.stderr
     assert "--preset keras-resnet50" in r.stderr
     nothing_written(tmp_path, tmp_path / "ens")
+
+
+def test_a_toml_declaration_maps_an_isic_style_member_and_options_override_it(tiny_ham, tmp_path):
+    """Nine ISIC 2019-style outputs: AK renamed, SCC merged into akiec, UNK dropped and the rest
+    renormalised, all from a TOML file; the command line overrides the file."""
+    net = TinyNet(classes=9, seed=3)
+    src = export(Convention(net, layout="NHWC", order="RGB", mode="tf", softmax=True), tmp_path / "isic9.onnx", 32,
+                 layout="NHWC")
+    spec = tmp_path / "isic.toml"
+    spec.write_text('preset = "keras-tf"\nlabels = ["MEL", "NV", "BCC", "AK=akiec", "BKL", "DF", "VASC", "SCC", "UNK"]\n'
+                    'extra = { SCC = "akiec", UNK = "drop" }\nresize = 48\n')
+    ens = tmp_path / "ens"
+    r = run_cli("import", str(src), "--spec", str(spec), "--resize", "36", "--out", str(ens), "--data", str(tiny_ham))
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((ens / "isic9.json").read_text())
+    assert m["preprocess"]["resize"] == 36 and m["preprocess"]["normalization"] == "tf"  # option over file
+    assert m["class_map"]["dropped"] == ["UNK"] and m["class_map"]["merged"] == {"AK": "akiec", "SCC": "akiec"}
+    assert m["declaration"]["extra"] == {"SCC": "akiec", "UNK": "drop"}
+
+    from edgeskin.data import load_dataset
+    from edgeskin.evaluate import evaluate
+    from torchvision import transforms as T
+
+    ds = load_dataset(tiny_ham)
+    sub = replace(ds, samples=ds.samples[:8])
+    got = evaluate(ens, dataset=sub, split=None).probs["isic9"]
+    tf = T.Compose([T.Resize(36), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with torch.inference_mode():
+        p = torch.softmax(net(torch.stack([tf(Image.open(s.path).convert("RGB")) for s in sub.samples])), 1).numpy()
+    # ours: akiec, bcc, bkl, df, mel, nv, vasc from MEL, NV, BCC, AK, BKL, DF, VASC, SCC, UNK
+    want = np.stack([p[:, 3] + p[:, 7], p[:, 2], p[:, 4], p[:, 5], p[:, 0], p[:, 1], p[:, 6]], axis=1)
+    want /= want.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
