@@ -99,6 +99,17 @@ def row_edgeskin_train(args, compute, arrays, targets, val_x, val_y, labels) -> 
             "setup_s": setup, "epochs": len(timer.epochs)}
 
 
+def _plain_step(model, opt, scaler, compute: Compute, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step of the plain loop: autocast forward, cross-entropy, scaled backward, step."""
+    with compute.autocast():
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.float(), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def row_plain(args, compute, paths, targets) -> dict[str, Any]:
     import torchvision
     from torchvision.transforms import v2
@@ -136,14 +147,7 @@ def row_plain(args, compute, paths, targets) -> dict[str, Any]:
         steps = 0
         for x, y in loader:
             x = x.to(compute.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(compute.device, non_blocking=True)
-            with compute.autocast():
-                out = model(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            _plain_step(model, opt, scaler, compute, x, y.to(compute.device, non_blocking=True))
             steps += 1
         _sync(compute)
         epochs.append((time.perf_counter() - t, steps))
@@ -166,13 +170,7 @@ def row_gpu_alone(args, compute) -> dict[str, Any]:
     for i in range(args.synthetic_steps + 3):
         _sync(compute)
         t = time.perf_counter()
-        with compute.autocast():
-            out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        _plain_step(model, opt, scaler, compute, x, y)
         _sync(compute)
         if i >= 3:
             times.append(time.perf_counter() - t)

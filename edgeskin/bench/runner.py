@@ -291,8 +291,16 @@ def run_bench(
     ens = reference.probs["ensemble"]
     student = reference.probs.get("student")
     val = reference.val
+    val_samples = None
+    thresholds_from = "the reported split itself (no validation predictions)"
+    if val is not None:
+        try:
+            val_samples = bench_inputs(dataset, reference, which="val")
+            thresholds_from = "val"
+        except DataError:  # e.g. a device holding only the bench images
+            val = None
+            thresholds_from = "the reported split itself (the validation images are not in --data)"
     mel = codes.index("mel") if "mel" in codes else None
-    thresholds_from = "val" if val is not None else "the reported split itself (no validation predictions)"
 
     def fitted(p_val: np.ndarray | None, p_test: np.ndarray) -> float | None:
         if mel is None:
@@ -305,7 +313,6 @@ def run_bench(
     common = dict(ensemble=ens, student=student, mel_threshold_ens=t_ens, specificity=config.specificity,
                   n_boot=config.n_boot, seed=config.seed, thresholds_from="val" if val is not None else "reported")
     samples = bench_inputs(dataset, reference)
-    val_samples = bench_inputs(dataset, reference, which="val") if val is not None else None
     e2e = samples.samples[: config.e2e_images]
     tmp = tempfile.TemporaryDirectory(prefix="edgeskin-bench-", dir=workdir)
     inputs: dict[str, tuple[Path, Path | None]] = {}
