@@ -41,7 +41,7 @@ def test_pairs_found_and_removal_keeps_a_valid_graph(built):
 def test_removing_every_activation_quantizer_moves_towards_fp32(built):
     from edgeskin.quantize import activation_pairs, remove_pairs
     from edgeskin.runtime.backends import OnnxRuntimeBackend
-    from edgeskin.runtime.predictor import softmax
+    from edgeskin.runtime.numerics import softmax
 
     q, g32 = _qmodel_and_golden(built)
     x, p32 = g32["inputs"], g32["probs"]

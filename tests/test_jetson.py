@@ -896,7 +896,7 @@ DEVICE_MODULES = (
     "edgeskin", "edgeskin.__main__", "edgeskin.errors", "edgeskin.labels", "edgeskin.preprocess",
     "edgeskin.bundle", "edgeskin.fileio", "edgeskin.profiles", "edgeskin.progress", "edgeskin.cli",
     "edgeskin.cli_data", "edgeskin.runtime", "edgeskin.runtime.backends", "edgeskin.runtime.predictor",
-    "edgeskin.runtime.tensorrt", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
+    "edgeskin.runtime.tensorrt", "edgeskin.runtime.numerics", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
     "edgeskin.bench.runner", "edgeskin.bench.report", "edgeskin.bench.reference", "edgeskin.bench.stats",
     "edgeskin.metrics", "edgeskin.data", "edgeskin.data.readers", "edgeskin.data.split", "edgeskin.data.cache",
     "edgeskin.data.fetch", "edgeskin.quiet",

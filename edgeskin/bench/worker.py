@@ -58,7 +58,7 @@ class OnnxModel:
         return np.asarray(self.backend.run(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float64)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        from ..runtime.predictor import softmax
+        from ..runtime.numerics import softmax
 
         y = self.logits(batch)
         return y if self.output == "probs" else softmax(y)

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
 from ..preprocess import PreprocessConfig
+from ..runtime.numerics import softmax  # the one softmax, shared with the runtime
 
 MEMBER_FORMAT = "edgeskin-member"
 MEMBER_FORMAT_VERSION = 1
@@ -49,13 +50,6 @@ class Member(Protocol):
 
     def probs(self, x: np.ndarray, *, batch_size: int = 64, device: Any = None,
               progress: Any = None) -> np.ndarray: ...
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------- class order

@@ -229,10 +229,3 @@ def _reference_hashes(cfg: dict) -> dict[str, str]:
     return found
 
 
-def load_ensemble(path: str | os.PathLike) -> list[Any]:
-    """Load every member of an ensemble folder (or a single member file): edgeskin checkpoints,
-    imported members (``edgeskin import``), both mixed, or the shared reference layout. Members
-    keep their own preprocessing; see :func:`edgeskin.members.load_members`."""
-    from ..members.loader import load_members
-
-    return load_members(path)

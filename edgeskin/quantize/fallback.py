@@ -94,7 +94,7 @@ def float_fallback(
     """Remove the most damaging activation quantizers until agreement >= ``target_agreement``."""
     require("onnxruntime", extra="runtime", purpose="float fallback")
     from ..runtime.backends import OnnxRuntimeBackend
-    from ..runtime.predictor import softmax
+    from ..runtime.numerics import softmax
 
     def probs_of(model: Any) -> np.ndarray:
         b = OnnxRuntimeBackend(model.SerializeToString(), threads=threads)

@@ -13,15 +13,9 @@ from ..bundle import BundleError, BundleReader, Manifest
 from ..errors import ConfigError, EdgeskinError
 from ..preprocess import ImageSource, preprocess
 from .backends import make_backend
+from .numerics import softmax
 
 Input = Union[ImageSource, np.ndarray]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)

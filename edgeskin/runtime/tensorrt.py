@@ -540,7 +540,7 @@ def build_engine(
             logits = backend.run(golden["inputs"].astype(np.float32))
         finally:
             backend.close()
-        from .predictor import softmax
+        from .numerics import softmax
 
         probs = logits if m.output.get("kind") == "probs" else softmax(logits.astype(np.float64))
         diff = np.abs(probs - golden["probs"]).max(axis=1)

@@ -182,7 +182,7 @@ def _metric_fn(y: np.ndarray, codes: tuple[str, ...], threads: int | None, kind:
     of balanced accuracy and melanoma recall (``clinical``)."""
     from ..metrics import classification_report
     from ..runtime.backends import OnnxRuntimeBackend
-    from ..runtime.predictor import softmax
+    from ..runtime.numerics import softmax
 
     cache: dict[str, Any] = {}
 

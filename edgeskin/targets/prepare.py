@@ -130,7 +130,7 @@ def _imported_graph(ck: Any, onnx_path: Path, opset: int, x: np.ndarray, reporte
     import onnx
 
     from ..members.onnx import bundle_graph
-    from ..runtime.predictor import softmax
+    from ..runtime.numerics import softmax
 
     if ck.config.get("runner") == "onnx":
         src, outputs, out_name, how = ck.weights_path, ck.outputs, ck.output_name, f"imported {ck.source} graph"
@@ -164,7 +164,7 @@ def _imported_graph(ck: Any, onnx_path: Path, opset: int, x: np.ndarray, reporte
 def _finish(ck: Any, onnx_path: Path, export: dict[str, Any], x: np.ndarray, y: np.ndarray, val: Any,
             work: tempfile.TemporaryDirectory, threads: int | None, reporter: Reporter) -> Prepared:
     from ..runtime.backends import OnnxRuntimeBackend
-    from ..runtime.predictor import softmax
+    from ..runtime.numerics import softmax
 
     backend = OnnxRuntimeBackend(onnx_path.read_bytes(), threads=threads)
     reporter.start("FP32 reference on the validation split", len(x))

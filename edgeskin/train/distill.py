@@ -28,7 +28,8 @@ from ..fileio import atomic_path, write_json
 from ..labels import LabelSet
 from ..metrics import classification_report
 from ..models.arch import arch_spec, build_model
-from ..models.checkpoint import Checkpoint, load_ensemble
+from ..models import load_ensemble
+from ..models.checkpoint import Checkpoint
 from ..models.ensemble import Ensemble, inference_fn, predict_probs
 from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
