@@ -834,7 +834,7 @@ def devices(
         t.add_column(col)
     for p in load_profiles().values():
         jps = "\n".join(f"{j.version} / {j.tensorrt} / {j.max_opset}" + (" (default)" if j.version == p.default_jetpack else "")
-                        for j in p.jetpacks) or "-"
+                        + ("" if j.supported else " (not supported)") for j in p.jetpacks) or "-"
         b = p.budget
         budget = (p.max_drop() + (f", agreement ≥ {100 * b['min_agreement']:.0f}%" if "min_agreement" in b else "")
                   + (f", ≤ {b['max_latency_ms']:g} ms" if "max_latency_ms" in b else ""))
