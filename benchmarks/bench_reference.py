@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +35,13 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "bench")
     ap.add_argument("--device", default="generic-cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--min-samples", type=int, default=1000, help="batch-1 timing: at least this many runs per row")
+    ap.add_argument("--min-seconds", type=float, default=10.0, help="and at least this many seconds")
     ap.add_argument("--extra", action="store_true", help="also bench the member2 bundles in runs/bench-*/")
     args = ap.parse_args()
 
-    from edgeskin.bench import BenchBudget, BenchConfig, ReferencePredictions, reference_from_models, run_bench
+    from edgeskin.bench import (BenchBudget, BenchConfig, ReferencePredictions, export_reference_models,
+                                reference_from_models, run_bench)
     from edgeskin.bench.report import rich_table, write_reports
     from edgeskin.calibration import read_calibration_set
     from edgeskin.data import load_dataset, read_split
@@ -84,8 +87,12 @@ def main() -> None:
         for folder in ("bench-cpu", "bench-jetson", "bench-tflite"):
             bundles += sorted(p for p in Path("runs", folder).glob("*.edgeskin") if (p / "manifest.json").is_file())
     budget = BenchBudget.parse(None, against="student", profile=get_profile(args.device))
-    report = run_bench(ref, bundles, dataset=ds, budget=budget, gated=student_bundles,
-                       config=BenchConfig(threads=args.threads, runs=args.runs), extra_rows=extra_rows, reporter=rep)
+    with tempfile.TemporaryDirectory(prefix="edgeskin-reference-") as exports:
+        models = export_reference_models(Path(os.path.relpath(args.reference)), args.student, exports)
+        report = run_bench(ref, bundles, dataset=ds, budget=budget, gated=student_bundles,
+                           config=BenchConfig(threads=args.threads, min_samples=args.min_samples,
+                                              min_seconds=args.min_seconds),
+                           extra_rows=extra_rows, reporter=rep, reference_models=models)
     report.config["compile_seconds"] = compile_s
     report.config["total_seconds"] = round(time.time() - t0)
     report.config["student"] = os.path.relpath(args.student, HERE.parent)
