@@ -38,5 +38,5 @@ rec 14-dry-run      $E run recipes/quick.toml --dry-run --redo compile
 rec 15-distill      $E distill --teacher $Q/ensemble --out $Q/student --student resnet18 --epochs 6 --lr 0.001 --no-augment --report-on none --latency-runs 0
 rec 16-compile-jetson $E compile $Q/student --target jetson --device orin-nx --jetpack 5.1 --precision int8 --first-conv-float --calib "$CAL" --out "$W/student-trt.edgeskin"
 rec 17-compile-phone  $E compile $Q/student --target android --precision int8 --first-conv-float --calib "$CAL" --out "$W/student-phone.edgeskin"
-COLUMNS=230 rec 18-bench $E bench --reference $Q/bench/reference-test.npz --bundle $Q/bundles/cpu-int8.edgeskin --bundle $Q/bundles/tflite-int8.edgeskin --device generic-cpu --against student --out "$W/bench"
+COLUMNS=100 rec 18-bench $E bench --reference $Q/bench/reference-test.npz --bundle $Q/bundles/cpu-int8.edgeskin --bundle $Q/bundles/tflite-int8.edgeskin --device generic-cpu --against student --out "$W/bench"
 rm -rf "$W"
