@@ -291,6 +291,7 @@ class ForeignMember:
 
 
 def display(path: str | os.PathLike) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
     p = Path(path)
     try:
         return os.path.relpath(p)

@@ -28,6 +28,7 @@ from ..fileio import atomic_path, write_json
 from ..labels import LabelSet
 from ..metrics import classification_report
 from ..models.arch import arch_spec, build_model
+from ..members.base import display
 from ..models import load_ensemble
 from ..models.checkpoint import Checkpoint
 from ..models.ensemble import Ensemble, inference_fn, predict_probs
@@ -486,7 +487,7 @@ def distill(
         return distillation_loss(logits, tp, y, hard, temperature=run_cfg.temperature, alpha=run_cfg.alpha)
 
     teacher_record = {
-        "path": _display(teacher_path), "members": teacher.hashes, "digest": teacher.digest,
+        "path": display(teacher_path), "members": teacher.hashes, "digest": teacher.digest,
         "arch": sorted({m.config["arch"] for m in members}), "combination": "mean of softmax",
     }
     recipe = {
@@ -556,11 +557,3 @@ def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: S
                                          threads=latency_threads)
     return report
 
-
-def _display(path: str | os.PathLike) -> str:
-    """A path as the user would write it: relative to the working directory when inside it."""
-    p = Path(path)
-    try:
-        return os.path.relpath(p)
-    except ValueError:
-        return str(p)
