@@ -8,9 +8,9 @@ semantics), chosen by the device:
 - **CUDA** (:class:`DeviceBatches`): the decoded images (shorter side resized, uint8) are kept
   once in a padded uint8 tensor, on the GPU when it fits in the memory bound and in pinned host
   memory otherwise, and whole batches are cropped, resized, flipped, turned, jittered and
-  normalised on the GPU. This is the route measured fastest on an H200 (4,117 img/s against
-  1,750-2,000 img/s for 14 DataLoader workers decoding and augmenting with PIL; issue 13's table),
-  because it takes JPEG decoding and per-image Pillow work out of every epoch.
+  normalised on the GPU. This takes JPEG decoding and per-image Pillow work out of every epoch;
+  its speed against DataLoader workers is what ``benchmarks/gpu_train.py`` measures on a GPU (not
+  yet run: no GPU was available when this was written).
 
 Both draw every random parameter with :func:`edgeskin.augment.draw_params` from
 ``numpy.random.default_rng([seed, epoch, image index])``, so a view's crop box, flips, turns and
