@@ -121,9 +121,9 @@ def _warn_if_not_transfer(preset: str, pretrained: Optional[str], arch: str) -> 
 
     if preset not in TRANSFER_PRESETS or pretrained != "auto":
         return
-    from .models.weights import _cached_imagenet, hub_checkpoints
+    from .models.weights import cached_imagenet, hub_checkpoints
 
-    if _cached_imagenet(arch) is None:
+    if cached_imagenet(arch) is None:
         err.print(f"[bold yellow]warning:[/bold yellow] the {preset} preset is ImageNet transfer learning, but "
                   f"--pretrained auto found no {arch} weights in {hub_checkpoints()}: training from random "
                   "initialisation, which is not the published method. Use --pretrained imagenet to download them.")

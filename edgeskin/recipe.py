@@ -670,7 +670,7 @@ def bench_budget(r: Recipe):  # noqa: ANN201
 def _run_bench(ctx: _Ctx, out: Path) -> Any:
     import tempfile
 
-    from .bench import BenchConfig, compile_failed_row, export_reference_models, reference_from_models, run_bench
+    from .bench import compile_failed_row, export_reference_models, reference_from_models, run_bench
     from .bench.report import write_reports
 
     r = ctx.recipe

@@ -125,9 +125,11 @@ def check(value: Any, spec: Any, *, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: {key} = {shown} is not valid", f"{key} must be {spec.describe()}") from None
 
 
-def check_table(table: dict[str, Any], specs: dict[str, Any], *, where: str, prefix: str = "") -> dict[str, Any]:
+def check_table(table: dict[str, Any], specs: dict[str, Any], *, where: str, prefix: str = "") -> None:
     """Every key of ``table`` that has a spec, checked (other keys are the caller's to refuse)."""
-    return {k: (check(v, specs[k], key=f"{prefix}{k}", where=where) if k in specs else v) for k, v in table.items()}
+    for k, v in table.items():
+        if k in specs:
+            check(v, specs[k], key=f"{prefix}{k}", where=where)
 
 
 def choices(values: Sequence[str]) -> Str:

@@ -19,7 +19,7 @@ from edgeskin.cli import app, main
 from edgeskin.errors import ConfigError
 from edgeskin.recipe import _value_specs, load_recipe
 from edgeskin.targets.options import _types as compile_option_types
-from edgeskin.validate import AnyOf, Bool, Int, ListOf, Num, Str, _ok
+from edgeskin.validate import Int, _ok
 
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

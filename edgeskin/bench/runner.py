@@ -328,7 +328,11 @@ def run_bench(
                 row["build_machine_latency"] = {k: info.get(k) for k in ("latency_batch1", "engine", "threads")}
             model = (reference_models or {}).get(name)
             if model is not None:
-                res = _measure(ctx, {"kind": "onnx", **model}, len(rows), row)
+                from ..preprocess import PreprocessConfig
+
+                pre = PreprocessConfig.from_dict(model["preprocess"])
+                res = _measure(ctx, {"kind": "onnx", **model}, pre, json.dumps(pre.to_dict(), sort_keys=True),
+                               len(rows), row)
                 if res.get("status") == "ok":
                     onnx_probs = res.pop("probs")
                     res.pop("val_probs", None)
@@ -436,21 +440,14 @@ def _prepared(ctx: _Ctx, pre: Any, key: str) -> tuple[Path, Path | None]:
     return ctx.inputs[key]
 
 
-def _measure(ctx: _Ctx, model: dict[str, Any], i: int, row: dict[str, Any]) -> dict[str, Any]:
-    """Run the worker on one model; returns its result with ``probs`` (and ``val_probs``) loaded,
-    or ``status: failed``."""
-    from ..preprocess import PreprocessConfig
-
+def _measure(ctx: _Ctx, model: dict[str, Any], pre: Any, key: str, i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """Run the worker on one model (``model``: the worker's JSON spec of it; ``pre``: its
+    preprocessing, whose inputs are prepared once per ``key``); returns its result with
+    ``probs`` (and ``val_probs``) loaded, or ``status: failed``."""
     cfg = ctx.config
     try:
-        if model["kind"] == "onnx":
-            pre = PreprocessConfig.from_dict(model["preprocess"])
-            key = json.dumps(pre.to_dict(), sort_keys=True)
-        else:
-            pre, key = model["preprocess"], model["key"]
         test_npy, val_npy = _prepared(ctx, pre, key)
-        spec = {"model": {k: v for k, v in model.items() if k != "key" and not (k == "preprocess" and model["kind"] != "onnx")},
-                "inputs": str(test_npy), "threads": cfg.threads, "min_samples": cfg.min_samples,
+        spec = {"model": model, "inputs": str(test_npy), "threads": cfg.threads, "min_samples": cfg.min_samples,
                 "min_seconds": cfg.min_seconds, "max_seconds": cfg.max_seconds, "warmup": cfg.warmup,
                 "batch_sizes": list(cfg.batch_sizes), "engine": cfg.engine, "images": ctx.e2e_paths,
                 "out_probs": str(ctx.tmp / f"probs-{i}.npy"), "result": str(ctx.tmp / f"result-{i}.json")}
@@ -497,8 +494,8 @@ def _bench_bundle(path: Path, i: int, ctx: _Ctx) -> dict[str, Any]:
         if list(m.labels) != ctx.codes:
             raise ConfigError(f"class order {list(m.labels)} differs from the reference's {ctx.codes}",
                               "bench bundles made from models of the reference's label set")
-        res = _measure(ctx, {"kind": "bundle", "path": str(path), "preprocess": m.input.preprocess_config(),
-                             "key": _spec_key(m.input)}, i, row)
+        res = _measure(ctx, {"kind": "bundle", "path": str(path)}, m.input.preprocess_config(), _spec_key(m.input),
+                       i, row)
         if res.get("status") != "ok":
             row.update(status="failed", error=res.get("error", "failed"))
             return row

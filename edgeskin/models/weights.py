@@ -67,7 +67,7 @@ def imagenet_url(arch: str) -> str:
     return url
 
 
-def _cached_imagenet(arch: str) -> Path | None:
+def cached_imagenet(arch: str) -> Path | None:
     """A torchvision ImageNet weights file for ``arch`` already in the cache (newest first)."""
     import torchvision
 
@@ -116,7 +116,7 @@ def resolve_pretrained(arch: str, pretrained: str | os.PathLike | None, *, progr
         return None
     text = str(pretrained)
     if text == "auto":
-        path = _cached_imagenet(arch)
+        path = cached_imagenet(arch)
         if path is None:
             log.info("no ImageNet weights for %s in %s: starting from random initialisation", arch, hub_checkpoints())
             return None

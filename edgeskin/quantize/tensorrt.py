@@ -199,22 +199,13 @@ def to_fp16_tensors(model: Any) -> tuple[Any, dict[str, Any]]:
         if inp.name in init_names or inp.type.tensor_type.elem_type != F:
             continue
         new = f"{inp.name}_fp16"
-        for node in g.node:
-            for i, x in enumerate(node.input):
-                if x == inp.name:
-                    node.input[i] = new
+        _rename_tensor(g, inp.name, new)
         head.append(helper.make_node("Cast", [inp.name], [new], to=H, name=f"{inp.name}_to_fp16"))
     for out in g.output:
         if out.type.tensor_type.elem_type != F:
             continue
         new = f"{out.name}_fp16"
-        for node in g.node:
-            for i, x in enumerate(node.output):
-                if x == out.name:
-                    node.output[i] = new
-            for i, x in enumerate(node.input):
-                if x == out.name:
-                    node.input[i] = new
+        _rename_tensor(g, out.name, new)
         tail.append(helper.make_node("Cast", [new], [out.name], to=F, name=f"{out.name}_to_fp32"))
     nodes = head + list(g.node) + tail
     del g.node[:]
@@ -223,6 +214,15 @@ def to_fp16_tensors(model: Any) -> tuple[Any, dict[str, Any]]:
     m = onnx.shape_inference.infer_shapes(m)
     onnx.checker.check_model(m, full_check=True)
     return m, {"float_tensors": "float16", "initializers_converted": inits, "io": "float32 (cast at the edges)"}
+
+
+def _rename_tensor(g: Any, old: str, new: str) -> None:
+    """Every node's reference to tensor ``old`` (as input or output) now names ``new``."""
+    for node in g.node:
+        for names in (node.input, node.output):
+            for i, x in enumerate(names):
+                if x == old:
+                    names[i] = new
 
 
 # ---------------------------------------------------------------- validation

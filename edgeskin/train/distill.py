@@ -35,8 +35,8 @@ from ..models.ensemble import Ensemble, inference_fn, predict_probs
 from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 from .config import TrainConfig
-from ..models.compute import CPU, Compute, resolve_compute
-from .loop import dist_info, fit, _barrier
+from ..models.compute import CPU, Compute
+from .loop import default_compute, dist_info, fit, _barrier
 from .losses import class_weights, distillation_kl, make_loss
 
 INITS = ("auto", "imagenet", "member", "scratch")
@@ -428,7 +428,7 @@ def distill(
     teacher (fp32) and the student (mixed precision) run; default: the CPU.
     """
     reporter = reporter or NullReporter()
-    compute = compute or resolve_compute("cpu", bf16=cfg.train.bf16)
+    compute = compute or default_compute(cfg.train)
     rank, _ = dist_info()
     members = load_ensemble(Path(teacher_path))
     labels, first = members[0].labels, members[0].preprocess

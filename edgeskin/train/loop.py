@@ -24,15 +24,14 @@ import torch
 from torch import nn
 
 from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
-from ..errors import CheckpointError, ConfigError, EdgeskinError
+from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
 from ..metrics import classification_report
-from ..preprocess import PreprocessConfig
 from ..progress import NullReporter, Reporter
 from ..models.arch import build_model, frozen_bn_to_eval, set_trainable, arch_spec
 from ..fileio import write_json
 from ..models.checkpoint import atomic_torch_save, save_checkpoint
-from ..models.compute import Compute, cpu_has_bf16, is_out_of_memory, out_of_memory, resolve_compute
+from ..models.compute import Compute, is_out_of_memory, out_of_memory, resolve_compute, resolve_precision
 from ..models.ensemble import predict_probs
 from .batches import epoch_indices, make_batches
 from .config import TrainConfig
@@ -54,17 +53,14 @@ def dist_info() -> tuple[int, int]:
 
 
 def default_compute(cfg: TrainConfig) -> Compute:
-    """The CPU (joining a process group the caller started, if any): what ``fit`` uses when it is
-    given no :class:`Compute`."""
-    return resolve_compute("cpu", bf16=cfg.bf16, init_distributed=False)
+    """The CPU, in ``cfg``'s precision, joining torchrun's (or the caller's) process group: what
+    the training functions use when they are given no :class:`Compute`."""
+    return resolve_compute("cpu", bf16=cfg.bf16)
 
 
 def _barrier() -> None:
     if dist_info()[1] > 1:
         torch.distributed.barrier()
-
-
-bf16_supported = cpu_has_bf16
 
 
 def _checkpoint_consistent(meta: Path) -> bool:
@@ -219,8 +215,7 @@ def fit(
                 f"{state_path}: an unfinished run with different settings is in this folder",
                 "use another --out folder, or delete the folder to start again",
             )
-        was = state.get("precision", "bf16" if cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_has_bf16())
-                        else "fp32")
+        was = state.get("precision") or resolve_precision("cpu", cfg.bf16)  # states before the record: CPU
         if was != compute.precision:
             raise CheckpointError(
                 f"{state_path}: this run was started in {was} and would resume in {compute.precision} "
@@ -454,7 +449,7 @@ def train_ensemble(
     ``cfg.bf16`` on the CPU, joining ``torchrun``'s process group). Re-running resumes or skips
     finished members."""
     reporter = reporter or NullReporter()
-    compute = compute or resolve_compute("cpu", bf16=cfg.bf16)
+    compute = compute or default_compute(cfg)
     rank, _ = dist_info()
     arch_spec(cfg.arch)
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(members)]
