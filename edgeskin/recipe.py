@@ -19,6 +19,7 @@ Relative paths in a recipe are relative to the recipe file.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ _SECTIONS: dict[str, set[str]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _value_specs() -> dict[str, dict[str, Any]]:
     """What every recipe value may be (type and range), per section: checked when the recipe is
     read (``--dry-run`` included), so a wrong value fails at once with its file and key named."""
