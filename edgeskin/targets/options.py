@@ -101,3 +101,31 @@ def describe(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``compile_kwargs``' result as plain JSON (what a recipe's compile key is made of, so a
     changed default also makes a bundle stale)."""
     return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()}
+
+
+#: what each option does, shown by `edgeskin compile --help` (the command's flags are made from
+#: this table by :func:`edgeskin.settings.compile_settings`; a new option is added here only)
+HELP: dict[str, str] = {
+    "device": "Device profile (see `edgeskin devices`); jetson default: jetson-orin-nano.",
+    "subset_size": "Calibration images used (NNCF, or the tflite observers); at most the set's size.",
+    "first_conv_float": "Keep the first convolution in float.",
+    "fast_bias_correction": "NNCF bias correction flavour.",
+    "preset": "NNCF preset: performance | mixed.",
+    "ignore": "Node name (or type:OpType) to keep in float. Repeatable.",
+    "head_float": "Keep the classifier layer in float.",
+    "range_estimator": "Activation ranges: mean_minmax (NNCF default) | minmax | median_minmax | "
+                       "mean_no_outliers_minmax | mean_quantile | histogram.",
+    "max_drop_int8": "Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric "
+                     "on val drops at most this (0-1).",
+    "float_fallback": "Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val "
+                      "reaches this (e.g. 0.98).",
+    "fallback_max_layers": "At most this many quantizers kept in float by --float-fallback.",
+    "control_metric": "What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of "
+                      "balanced acc. and mel recall).",
+    "opset": "ONNX opset (default: 17 for cpu; the device profile's highest for jetson).",
+    "jetpack": "JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset.",
+    "layout": "Input layout NHWC (phones) | NCHW.",
+    "int8_adds": "Quantize the residual additions too (all-integer graph for NPU delegates).",
+    "observer": "Activation ranges for int8: mean_minmax (moving average of each image's min/max; the default) | "
+                "histogram (litert's default) | minmax.",
+}
