@@ -191,7 +191,7 @@ class TfliteTarget(Target):
         if precision in self.needs_calibration and calibration is None:
             raise ConfigError(f"{self.name}/{precision} needs a calibration set",
                               "make one with `edgeskin calib make` and pass --calib calibration/NAME.json")
-        litert_torch = _quiet(lambda: require("litert_torch", extra="tflite", purpose="compiling for phones (LiteRT)"))
+        litert_torch = _quiet(lambda: require("litert_torch", extra="compress", purpose="compiling for phones (LiteRT)"))
         import torch
 
         from ..profiles import get_profile
