@@ -41,8 +41,11 @@ def fetch(
 
     Interrupted downloads resume (run the same command again); finished files are skipped.
     Without a network, download the files by hand and pass --archives DIR.
+    HAM10000 is licensed CC BY-NC 4.0 (non-commercial): the terms are printed, written beside the
+    images (DATA_LICENCE.txt) and recorded in every checkpoint and bundle trained on it.
     """
-    from .data.fetch import default_data_dir, fetch_dataset, human_bytes
+    from .data.fetch import LICENCE_FILE, default_data_dir, fetch_dataset, human_bytes
+    from .data.licence import same_licence
     from .progress import RichReporter
 
     target = dest if dest is not None else default_data_dir(name.lower())
@@ -60,6 +63,14 @@ def fetch(
     out.print(t)
     if res.bytes_downloaded:
         out.print(f"downloaded {human_bytes(res.bytes_downloaded)}" + (" (resumed)" if res.resumed else ""))
+    lic = res.licence
+    if lic is not None:
+        out.print(f"[bold yellow]licence[/bold yellow]: {escape(lic.notice)}")
+        out.print(f"cite: {escape(lic.attribution)}")
+        out.print(f"[dim]terms kept beside the images in {escape(str(res.dest / LICENCE_FILE))}[/dim]")
+        if res.licence_at_source and not same_licence(res.licence_at_source, lic):
+            out.print(f"[yellow]the source states the licence {escape(res.licence_at_source)}, not "
+                      f"{lic.spdx}: the source's terms are the ones that apply[/yellow]")
     where = escape(shlex.quote(str(res.dest)))
     out.print(f"[green]ready[/green]: {res.n_images} images in {where}")
     out.print(f"use --data {where} or export EDGESKIN_DATA={where}")

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from edgeskin.data import load_dataset
-from edgeskin.data.fetch import DOWNLOAD_DIR, FetchResult, default_data_dir, fetch_dataset
+from edgeskin.data.fetch import DOWNLOAD_DIR, LICENCE_FILE, FetchResult, default_data_dir, fetch_dataset
+from edgeskin.data.licence import HAM10000
 from edgeskin.errors import DataError
 
 DOI = "doi:10.7910/DVN/DBW86T"
@@ -74,6 +75,7 @@ class FakeDataverse:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.md5_override: dict[str, str] = {}
         self.honour_range = True
+        self.licence = "CC BY-NC 4.0"  # what Harvard's record states (latestVersion.license.name)
         self.lock = threading.Lock()
         fake = self
 
@@ -112,7 +114,10 @@ class FakeDataverse:
                           filesize=len(self._tab()), originalFileName=name, originalFileSize=len(data),
                           originalFileFormat="text/csv")
             entries.append({"label": df["filename"], "dataFile": df})
-        return {"status": "OK", "data": {"latestVersion": {"files": entries}}}
+        latest = {"files": entries}
+        if self.licence:
+            latest["license"] = {"name": self.licence, "uri": "http://creativecommons.org/licenses/by-nc/4.0"}
+        return {"status": "OK", "data": {"latestVersion": latest}}
 
     def _tab(self) -> bytes:
         rows = list(csv.reader(io.StringIO(self.files["HAM10000_metadata.csv"].decode())))
@@ -392,3 +397,21 @@ def test_cli_fetch(dv, tmp_path):
     assert r.exit_code == 0, (r.output, r.exception)
     assert "8 images in" in r.output and f"EDGESKIN_DATA={dest}" in r.output
     _assert_layout(dest)
+    # the non-commercial licence is shown where the user meets the data, and kept beside it
+    assert "CC BY-NC 4.0" in r.output and "no commercial use" in r.output and "Tschandl" in r.output
+    assert "source states" not in r.output  # the listing's "CC BY-NC 4.0" is the licence we know
+    assert HAM10000.url in (dest / LICENCE_FILE).read_text()
+
+
+def test_licence_stated_by_the_source_is_reported_and_a_different_one_flagged(dv, tmp_path):
+    res = fetch_dataset("ham10000", tmp_path / "d", server=dv.url)
+    assert res.licence is HAM10000 and res.licence_at_source == "CC BY-NC 4.0"
+    from typer.testing import CliRunner
+
+    from edgeskin.cli_data import data_app
+
+    dv.licence = "CC BY-NC-SA 4.0"
+    r = CliRunner().invoke(data_app, ["fetch", "ham10000", "--server", dv.url, "--dest", str(tmp_path / "e"), "-q"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "the source states the licence CC BY-NC-SA 4.0, not CC-BY-NC-4.0" in " ".join(r.output.split())

@@ -14,6 +14,13 @@ sha-512, whichever the source gives) before use. Zips are unpacked into a tempor
 is renamed into place; ``DEST/.download/done.json`` records what is finished (with digests), so a
 re-run skips it.
 
+The data set's licence (HAM10000: CC BY-NC 4.0, :mod:`edgeskin.data.licence`) comes back in the
+result, is written beside the images as ``DEST/DATA_LICENCE.txt``, and the licence the Dataverse
+listing states is reported so that a change at the source shows.
+
+Why not pooch: docs/data-fetch.md (it restarts a cut download from byte 0, cannot fetch an ingested
+table's original form, and its Dataverse registry needs an ``md5`` field some installations omit).
+
 Dataverse API, as checked against its documentation and source:
 
 * ``GET {server}/api/datasets/:persistentId/?persistentId=doi:...`` returns
@@ -55,16 +62,18 @@ from typing import Any
 
 from ..errors import DataError
 from ..fileio import atomic_path, write_json
+from ..progress import NullReporter, Reporter
+from .licence import HAM10000, DataLicence
 
 #: checksums, not security: say so where hashlib takes it (Python 3.9+; the device side runs 3.8)
 _NOT_FOR_SECURITY: dict = {"usedforsecurity": False} if sys.version_info >= (3, 9) else {}
-from ..progress import NullReporter, Reporter
 
 CONNECT_TIMEOUT = 10.0  # seconds: an unreachable server fails fast
 READ_TIMEOUT = 60.0  # seconds without data before a transfer counts as cut (and is resumed)
 CHUNK = 1 << 16
 DOWNLOAD_DIR = ".download"
 DONE_FILE = "done.json"
+LICENCE_FILE = "DATA_LICENCE.txt"  # beside the images: the terms travel with the folder
 RETRY_WAIT = 0.5  # seconds, doubled each retry, at most MAX_WAIT
 MAX_WAIT = 8.0
 
@@ -91,6 +100,7 @@ class _DatasetSpec:
     server: str
     files: tuple[_Wanted, ...]
     title: str
+    licence: DataLicence
 
 
 DATASETS: dict[str, _DatasetSpec] = {
@@ -99,6 +109,7 @@ DATASETS: dict[str, _DatasetSpec] = {
         doi="doi:10.7910/DVN/DBW86T",
         server="https://dataverse.harvard.edu",
         title="HAM10000 (Tschandl et al. 2018, Harvard Dataverse)",
+        licence=HAM10000,
         files=(
             _Wanted("HAM10000_images_part_1.zip", "zip", (".zip",)),
             _Wanted("HAM10000_images_part_2.zip", "zip", (".zip",)),
@@ -132,6 +143,10 @@ class FetchResult:
     n_images: int = 0
     bytes_downloaded: int = 0
     resumed: bool = False
+    #: the data set's licence (shown by `data fetch`, recorded in what is trained on it)
+    licence: DataLicence | None = None
+    #: the licence the Dataverse listing states, when it states one (latestVersion.license.name)
+    licence_at_source: str | None = None
 
 
 @dataclass
@@ -294,7 +309,8 @@ def _http_error(exc: urllib.error.HTTPError, what: str, hint: str) -> DataError:
     return DataError(msg, hint)
 
 
-def _list_dataverse(spec: _DatasetSpec, server: str, dest: Path) -> list[_Remote]:
+def _list_dataverse(spec: _DatasetSpec, server: str, dest: Path) -> tuple[list[_Remote], str | None]:
+    """The files to download and the licence the listing states (None when it states none)."""
     server = server.strip().rstrip("/")
     if "://" not in server:
         server = "https://" + server
@@ -314,7 +330,8 @@ def _list_dataverse(spec: _DatasetSpec, server: str, dest: Path) -> list[_Remote
         doc = json.loads(raw)
         if doc.get("status") != "OK":
             raise ValueError(doc.get("message", f"status {doc.get('status')!r}"))
-        entries = doc["data"]["latestVersion"]["files"]
+        latest = doc["data"]["latestVersion"]
+        entries = latest["files"]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{url}: not a Dataverse dataset listing ({exc})",
                         "check --server (a Dataverse installation, e.g. https://dataverse.harvard.edu)") from None
@@ -347,7 +364,9 @@ def _list_dataverse(spec: _DatasetSpec, server: str, dest: Path) -> list[_Remote
     if missing:
         raise DataError(f"{server}: {spec.doi} does not list {', '.join(missing)}",
                         "the record may have changed; " + _by_hand_hint(spec, dest))
-    return remotes
+    lic = latest.get("license")  # Dataverse 5.10+: {"name": "CC BY-NC 4.0", "uri": ...}
+    stated = lic.get("name") if isinstance(lic, dict) else (lic if isinstance(lic, str) else None)
+    return remotes, (str(stated) if stated else None)
 
 
 def _matches(w: _Wanted, filename: str) -> bool:
@@ -605,7 +624,7 @@ def fetch_dataset(
     dl = dest / DOWNLOAD_DIR
     dl.mkdir(parents=True, exist_ok=True)
     done = _read_done(dl)
-    result = FetchResult(dest=dest)
+    result = FetchResult(dest=dest, licence=spec.licence)
 
     todo = [w for w in spec.files if not _is_done(w, dest, done)]
     for w in spec.files:
@@ -623,7 +642,8 @@ def fetch_dataset(
             _from_archives(spec, todo, Path(archives).expanduser(), remotes, dest, dl, done, result, rep, verify)
         else:
             if manifest is None:
-                remotes = {r.wanted.name: r for r in _list_dataverse(spec, server or spec.server, dest)}
+                listed, result.licence_at_source = _list_dataverse(spec, server or spec.server, dest)
+                remotes = {r.wanted.name: r for r in listed}
             missing = [w.name for w in todo if w.name not in remotes]
             if missing:
                 raise DataError(f"{manifest}: no entry for {', '.join(missing)}",
@@ -645,7 +665,18 @@ def fetch_dataset(
         raise DataError(f"{dest}: fetched, but the data set does not read: {exc.message}",
                         exc.hint or "delete the folder and fetch again") from None
     result.n_images = len(ds)
+    _write_licence(dest, spec.licence)
     return result
+
+
+def _write_licence(dest: Path, lic: DataLicence) -> None:
+    """``DEST/DATA_LICENCE.txt``: the terms beside the images, for whoever copies the folder on."""
+    text = f"{lic.dataset}: {lic.name} ({lic.spdx})\n{lic.url}\n\nCite: {lic.attribution}\n\n{lic.notice}\n"
+    path = dest / LICENCE_FILE
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def _record(done: dict[str, Any], dl: Path, f: FetchedFile) -> None:
