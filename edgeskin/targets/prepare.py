@@ -44,9 +44,11 @@ class Prepared:
 
 def model_provenance(name: str, arch: str, sha256: str, config: dict[str, Any], split: Split) -> dict[str, Any]:
     """What every bundle manifest says of the model it was made from: its hash, its teacher
-    (for a distilled student) and the recipe that trained it."""
+    (for a distilled student), the recipe that trained it and the licence of the data it was trained
+    on (``data_licence``: HAM10000's CC BY-NC 4.0 travels from the checkpoint into the bundle)."""
     recipe = config.get("recipe", {})
     return {
+        **({"data_licence": recipe["data_licence"]} if recipe.get("data_licence") else {}),
         "model": {"name": name, "arch": arch, "sha256": sha256},
         "teacher": config.get("teacher") or recipe.get("teacher"),
         "recipe": {k: recipe.get(k) for k in ("kind", "loss", "temperature", "alpha", "config_digest", "initialisation",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset, Split, decode_with_progress, eval_tensors, labels_of, load_eval_set, write_split
+from ..data.licence import licence_record
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, write_json
 from ..labels import LabelSet
@@ -499,6 +500,7 @@ def distill(
         "teacher_precision": teacher.precision,
         "teacher": teacher_record, "train_images": int(len(train_y)), "val_images": int(len(val_y)),
         "train_class_counts": dict(zip(labels.codes, map(int, counts))),
+        "data_licence": licence_record(dataset.layout),  # HAM10000: CC BY-NC 4.0; None: unknown
     }
     if rank == 0 and not (out / "split.csv").exists():
         write_split(split, out / "split.csv")  # so evaluate and compile find the split by default

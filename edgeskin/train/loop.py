@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset, Split, decode_with_progress, labels_of, load_eval_set
+from ..data.licence import licence_record
 from ..errors import CheckpointError, ConfigError
 from ..labels import LabelSet, get_label_set
 from ..metrics import classification_report
@@ -419,6 +420,7 @@ def train_member(
         "train_images": int(len(train_y)),
         "val_images": int(len(val_y)),
         "train_class_counts": dict(zip(labels.codes, map(int, counts))),
+        "data_licence": licence_record(train_set.layout),  # HAM10000: CC BY-NC 4.0; None: unknown
     })
     return fit(model, cfg=cfg, labels=labels, train_arrays=train_arrays, train_targets=train_y,
                val_inputs=val_x, val_targets=val_y, criterion=criterion, out=out,
