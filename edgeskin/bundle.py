@@ -111,11 +111,29 @@ class Manifest:
         except ValueError:
             raise BundleError(f"{where}: no valid schema_version ({version!r})",
                               "this is not an edgeskin bundle manifest") from None
+        from . import __version__
+
+        writer = str(d.get("edgeskin_version") or "") or "an unknown version"
         if major != SUPPORTED_MAJOR:
             raise BundleError(
-                f"{where}: bundle schema {version} is not supported by this edgeskin (knows {SUPPORTED_MAJOR}.x)",
-                "upgrade edgeskin on this device, or compile the bundle with a matching edgeskin",
+                f"{where}: bundle schema {version} is not supported by this edgeskin (knows {SUPPORTED_MAJOR}.x); "
+                f"the bundle was written by edgeskin {writer}, this is edgeskin {__version__}",
+                ("upgrade edgeskin on this device to a release that reads schema "
+                 f"{major}.x (docs/compatibility.md), or compile the bundle with a matching edgeskin"
+                 if major > SUPPORTED_MAJOR else
+                 "upgrade edgeskin on this device, or compile the bundle with a matching edgeskin "
+                 f"(edgeskin {__version__} compiles schema {SCHEMA_VERSION})"),
             )
+        # Within a major, fields that change how an image is prepared are written only when not at their
+        # default; a runtime that does not know one refuses the bundle rather than feed the model wrong tensors.
+        spec = d.get("input")
+        unknown = sorted(set(spec) - set(InputSpec.__dataclass_fields__)) if isinstance(spec, Mapping) else []
+        if unknown:
+            raise BundleError(
+                f"{where}: the input spec uses {', '.join(map(repr, unknown))}, which this edgeskin ({__version__}) "
+                f"does not know; the bundle (schema {version}) was written by edgeskin {writer}",
+                "upgrade edgeskin on this device: these fields change how images are prepared for the model, so "
+                "an older runtime refuses the bundle rather than guess (docs/compatibility.md)")
         try:
             kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
             kw["input"] = InputSpec(**{**d["input"], "mean": tuple(d["input"]["mean"]),
