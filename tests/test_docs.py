@@ -48,9 +48,11 @@ def doc_files() -> list[Path]:
 def runnable_blocks(path: Path) -> list[tuple[int, str]]:
     """(line number, body) of every ```bash block whose previous line is the marker."""
     lines = path.read_text().splitlines()
-    blocks = []
+    blocks, fenced = [], False
     for i, line in enumerate(lines):
-        if line.strip() != MARKER:
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or line.strip() != MARKER:  # a marker quoted inside a code block is not one
             continue
         fence = lines[i + 1].strip() if i + 1 < len(lines) else ""
         assert fence in ("```bash", "```sh"), f"{path.name}:{i + 1}: {MARKER} must sit right above a ```bash block"
