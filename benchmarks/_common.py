@@ -39,7 +39,9 @@ def best_reference_member(model: Path, member: str | None = None) -> str | None:
     if member is not None or not (model / "config.json").is_file():
         return member
     cfg = json.loads((model / "config.json").read_text())
-    return Path(max(cfg["members"], key=lambda m: m["best_val_balanced_accuracy"])["file"]).stem
+    from edgeskin.metrics import best_member
+
+    return best_member({Path(m["file"]).stem: float(m["best_val_balanced_accuracy"]) for m in cfg["members"]})
 
 
 def calibration_file(calib: Path | None) -> Path:

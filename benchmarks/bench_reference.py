@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--extra", action="store_true", help="also bench the member2 bundles in runs/bench-*/")
     args = ap.parse_args()
 
-    from edgeskin.bench import (BenchBudget, BenchConfig, ReferencePredictions, export_reference_models,
+    from edgeskin.bench import (Budget, BenchConfig, ReferencePredictions, export_reference_models,
                                 reference_from_models, run_bench)
     from edgeskin.bench.report import rich_table, write_reports
     from edgeskin.calibration import read_calibration_set
@@ -86,7 +86,7 @@ def main() -> None:
     if args.extra:
         for folder in ("bench-cpu", "bench-jetson", "bench-tflite"):
             bundles += sorted(p for p in Path("runs", folder).glob("*.edgeskin") if (p / "manifest.json").is_file())
-    budget = BenchBudget.parse(None, against="student", profile=get_profile(args.device))
+    budget = Budget.parse(None, against="student", profile=get_profile(args.device))
     with tempfile.TemporaryDirectory(prefix="edgeskin-reference-") as exports:
         models = export_reference_models(Path(os.path.relpath(args.reference)), args.student, exports)
         report = run_bench(ref, bundles, dataset=ds, budget=budget, gated=student_bundles,

@@ -7,7 +7,7 @@ lower class index (a stable sort), so a result never depends on the platform.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -135,3 +135,32 @@ def _num(x: float) -> float | None:
     if np.isnan(x):
         return None
     return x
+
+
+#: the drops every budget and report speaks of, and the classification-report key each is read from
+DROP_KEYS = {"top1": "top1", "top2": "top2", "top3": "top3", "balanced": "balanced_accuracy", "mel_recall": None}
+
+
+def drops_points(reference: dict[str, Any], ours: dict[str, Any],
+                 keys: tuple[str, ...] = ("top1", "balanced", "mel_recall")) -> dict[str, float | None]:
+    """How far ``ours`` falls below ``reference`` (two :func:`classification_report` results on the
+    same images), in percentage points; positive: worse. ``mel_recall`` is the sensitivity of the
+    report's positive class (``mel``, or ``malignant`` for the binary label set; None without one)."""
+    out: dict[str, float | None] = {}
+    for k in keys:
+        src = DROP_KEYS[k]
+        if src is None:
+            pos = reference.get("positive_class")
+            src = f"{pos}_sensitivity" if pos else None
+        a = reference.get(src) if src else None
+        b = ours.get(src) if src else None
+        out[k] = None if a is None or b is None else 100 * (float(a) - float(b))
+    return out
+
+
+def best_member(val_balanced_accuracy: Mapping[str, float]) -> str:
+    """The one rule for "the best member": the highest validation balanced accuracy (ties: the
+    first in the ensemble's order). Used by distillation (``init = member``) and the benchmarks."""
+    if not val_balanced_accuracy:
+        raise ValueError("no members to choose from")
+    return max(val_balanced_accuracy, key=lambda name: (val_balanced_accuracy[name], -list(val_balanced_accuracy).index(name)))

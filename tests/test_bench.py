@@ -14,7 +14,7 @@ import pytest
 
 from _bundles import run_cli, shared
 from conftest import REPO
-from edgeskin.bench import (BenchBudget, ReferencePredictions, bootstrap_drop, check_budget, mcnemar, row_metrics,
+from edgeskin.bench import (Budget, ReferencePredictions, bootstrap_drop, check_budget, mcnemar, row_metrics,
                             sensitivity_specificity, threshold_at_specificity)
 from edgeskin.errors import ConfigError
 from edgeskin.metrics import classification_report
@@ -121,7 +121,7 @@ def test_row_metrics_drops_flips_and_malignant_rule():
 
 
 def test_budget_parsing_and_breaches_name_row_and_metric():
-    b = BenchBudget.parse("top1=0.5,balanced=1.5", 20)
+    b = Budget.parse("top1=0.5,balanced=1.5", max_latency_ms=20)
     rows = [{"row": "cpu/int8", "kind": "bundle", "status": "ok",
              "drops_vs_ensemble": {"top1": 0.7, "balanced": 1.0, "mel_recall": 3.0},
              "latency_batch1": {"p90_ms": 5.0}, "latency_e2e": {"p90_ms": 25.0}},
@@ -138,14 +138,14 @@ def test_budget_parsing_and_breaches_name_row_and_metric():
              {"row": "b", "kind": "bundle", "status": "ok", "from_student": True, "gated": True,
               "drops_vs_student": {"top1": 0.9}, "drops_vs_ensemble": {"top1": 0.0}},
              {"row": "c", "kind": "bundle", "status": "failed", "gated": False}]
-    assert check_budget(rows2, BenchBudget.parse("top1=0.5"), "student") == [
+    assert check_budget(rows2, Budget.parse("top1=0.5"), "student") == [
         "b: top1 drop 0.90 points vs the student > 0.5"]
     assert rows2[0]["budget_against"] == "ensemble"
     with pytest.raises(ConfigError):
-        BenchBudget.parse("top1=abc")
+        Budget.parse("top1=abc")
     from edgeskin.profiles import get_profile
 
-    prof = BenchBudget.parse(None, profile=get_profile("orin-nano"))
+    prof = Budget.parse(None, profile=get_profile("orin-nano"))
     assert prof.top1 == 0.5 and prof.max_latency_ms == 20.0
 
 

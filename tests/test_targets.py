@@ -91,10 +91,16 @@ def test_unsupported_precision(built, data):
 
 
 def test_budget_parse():
-    assert Budget.parse("top1=0.5,balanced=1.5,mel_recall=2") == Budget(0.5, 1.5, 2.0, 0.97)
-    assert Budget.parse("mel-recall=3, top1 = 1") == Budget(top1=1.0, mel_recall=3.0)
-    assert Budget.parse(None) == Budget() == Budget.parse("")
-    assert Budget.parse("top1=0.1", min_agreement=0.9) == Budget(top1=0.1, min_agreement=0.9)
+    assert Budget.for_compile("top1=0.5,balanced=1.5,mel_recall=2") == Budget(0.5, 1.5, 2.0, 0.97)
+    assert Budget.for_compile("mel-recall=3, top1 = 1") == Budget(top1=1.0, balanced=1.5, mel_recall=3.0,
+                                                                 min_agreement=0.97)
+    assert Budget.for_compile(None) == Budget.for_compile("") == Budget(0.5, 1.5, 2.0, 0.97)
+    assert Budget.for_compile("top1=0.1", min_agreement=0.9) == Budget(0.1, 1.5, 2.0, 0.9)
+    # the same type and parser for the bench (nothing checked unless given) and recipe tables
+    assert Budget.parse(None) == Budget() and not Budget().active()
+    assert Budget.parse("top1=1") == Budget.from_table({"top1": 1}, where="r.toml", compile_defaults=False)
+    with pytest.raises(ConfigError, match="r.toml.*top5"):
+        Budget.from_table({"top5": 1}, where="r.toml")
 
 
 @pytest.mark.parametrize("text", ["top1", "top1=", "top5=1", "agreement=0.9", "top1=abc", "top1=1;balanced=2",
@@ -290,14 +296,14 @@ def test_impossible_budget_writes_no_bundle_unless_forced(built, data, tmp_path)
     out = tmp_path / "b.edgeskin"
     with pytest.raises(CompileError) as e:
         cpu.compile(built.model_dir, precision="fp32", dataset=ds, split=split, out=out,
-                    budget=Budget(min_agreement=1.01), threads=1)
+                    budget=Budget.for_compile().with_(min_agreement=1.01), threads=1)
     assert e.value.exit_code == 3
     assert "misses its budget" in e.value.message and "agreement" in e.value.message
     assert "--force" in e.value.hint and "no bundle was written" in e.value.hint
     assert list(tmp_path.iterdir()) == []  # no bundle, no scratch folder
 
     res = cpu.compile(built.model_dir, precision="fp32", dataset=ds, split=split, out=out,
-                      budget=Budget(min_agreement=1.01), force=True, threads=1)
+                      budget=Budget.for_compile().with_(min_agreement=1.01), force=True, threads=1)
     assert res.forced and res.bundle == out
     acc = BundleReader(out).manifest.accuracy
     assert acc["forced"] is True and acc["passed"] is False

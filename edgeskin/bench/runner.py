@@ -18,7 +18,6 @@ runtime: no torch unless the reference is an ensemble to evaluate here.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,16 +28,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..budget import Budget
 from ..bundle import BundleReader
 from ..data import Dataset, decode_dataset, eval_tensors
 from ..errors import ConfigError, DataError, EdgeskinError
 from ..labels import MALIGNANT_CODES
-from ..metrics import classification_report
+from ..metrics import classification_report, drops_points
 from ..progress import NullReporter, Reporter
 from .reference import ReferencePredictions
 from .stats import bootstrap_drop, mcnemar, sensitivity_specificity, threshold_at_specificity
 
-METRICS = ("top1", "balanced", "mel_recall")
 
 
 class BudgetBreach(EdgeskinError):
@@ -57,47 +56,6 @@ class RowFailed(EdgeskinError):
     """At least one row could not be compiled, loaded or run (exit code 3)."""
 
     exit_code = 3
-
-
-@dataclass(frozen=True)
-class BenchBudget:
-    """Largest drops in points (``None``: not checked) and the largest p90 batch-1 latency."""
-
-    top1: float | None = None
-    balanced: float | None = None
-    mel_recall: float | None = None
-    max_latency_ms: float | None = None
-    against: str = "auto"  # student (FP32 student row), ensemble, or auto (student when present)
-
-    @classmethod
-    def parse(cls, max_drop: str | None, max_latency: float | None = None, *, against: str = "auto",
-              profile: Any = None) -> "BenchBudget":
-        kw: dict[str, Any] = {}
-        if profile is not None:
-            for k in METRICS:
-                if k in profile.budget:
-                    kw[k] = float(profile.budget[k])
-            if profile.max_latency_ms is not None:
-                kw["max_latency_ms"] = profile.max_latency_ms
-        for part in filter(None, (max_drop or "").split(",")):
-            key, _, value = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if key not in METRICS or not value:
-                raise ConfigError(f"bad budget entry {part!r}", "use e.g. --max-drop top1=0.5,balanced=1.5,mel_recall=2")
-            try:
-                kw[key] = float(value)
-            except ValueError:
-                raise ConfigError(f"bad budget value {part!r}", "numbers are percentage points") from None
-            if not math.isfinite(kw[key]):
-                raise ConfigError(f"bad budget value {part!r}", "use a finite number of percentage points")
-        if max_latency is not None:
-            kw["max_latency_ms"] = float(max_latency)
-        if against not in ("auto", "student", "ensemble"):
-            raise ConfigError(f"--against {against!r}", "choose auto, student or ensemble")
-        return cls(against=against, **kw)
-
-    def active(self) -> bool:
-        return any(getattr(self, k) is not None for k in (*METRICS, "max_latency_ms"))
 
 
 @dataclass(frozen=True)
@@ -168,12 +126,7 @@ def row_metrics(probs: np.ndarray, y: np.ndarray, codes: Sequence[str], *, ensem
         "per_class_recall": {c: rep["per_class"][c]["recall"] for c in codes},
         "positive_class": pos, "positive_sensitivity": rep.get(sens_key) if sens_key else None,
         "positive_specificity": rep.get(f"{pos}_specificity") if pos else None,
-        "drops_vs_ensemble": {
-            "top1": 100 * (ens["top1"] - rep["top1"]), "top2": 100 * (ens["top2"] - rep["top2"]),
-            "top3": 100 * (ens["top3"] - rep["top3"]),
-            "balanced": 100 * (ens["balanced_accuracy"] - rep["balanced_accuracy"]),
-            "mel_recall": 100 * (ens[sens_key] - rep[sens_key]) if sens_key else None,
-        },
+        "drops_vs_ensemble": drops_points(ens, rep, ("top1", "top2", "top3", "balanced", "mel_recall")),
         "per_class_recall_drop_vs_ensemble": {
             c: (None if rep["per_class"][c]["recall"] is None or ens["per_class"][c]["recall"] is None
                 else 100 * (ens["per_class"][c]["recall"] - rep["per_class"][c]["recall"])) for c in codes},
@@ -185,11 +138,7 @@ def row_metrics(probs: np.ndarray, y: np.ndarray, codes: Sequence[str], *, ensem
         out["flips_vs_student"] = int(np.sum(pred != student.argmax(1)))
         out["mcnemar_vs_student"] = mcnemar(student.argmax(1) == y, pred == y)
         st = classification_report(student, y, codes)
-        out["drops_vs_student"] = {
-            "top1": 100 * (st["top1"] - rep["top1"]),
-            "balanced": 100 * (st["balanced_accuracy"] - rep["balanced_accuracy"]),
-            "mel_recall": 100 * (st[sens_key] - rep[sens_key]) if sens_key else None,
-        }
+        out["drops_vs_student"] = drops_points(st, rep)
 
     def top1(p: np.ndarray, t: np.ndarray) -> float:
         return 100 * float(np.mean(p.argmax(1) == t))
@@ -264,7 +213,7 @@ def run_bench(
     bundles: Sequence[str | os.PathLike],
     *,
     dataset: Dataset,
-    budget: BenchBudget = BenchBudget(),
+    budget: Budget = Budget(),
     config: BenchConfig = BenchConfig(),
     extra_rows: Sequence[dict[str, Any]] = (),
     gated: Sequence[str | os.PathLike] | None = None,
@@ -511,7 +460,7 @@ def _bench_bundle(path: Path, i: int, ctx: _Ctx) -> dict[str, Any]:
     return row
 
 
-def check_budget(rows: list[dict[str, Any]], budget: BenchBudget, against: str) -> list[str]:
+def check_budget(rows: list[dict[str, Any]], budget: Budget, against: str) -> list[str]:
     """Messages naming the row and the metric for every breach (bundle rows only)."""
     if not budget.active():
         return []
@@ -527,11 +476,7 @@ def check_budget(rows: list[dict[str, Any]], budget: BenchBudget, against: str) 
             vs = "ensemble"  # not made from this student: the ensemble is its reference
         r["budget_against"] = vs
         drops = r.get("drops_vs_student" if vs == "student" else "drops_vs_ensemble") or {}
-        for k in METRICS:
-            limit = getattr(budget, k)
-            v = drops.get(k)
-            if limit is not None and v is not None and v > limit + 1e-9:
-                out.append(f"{r['row']}: {k} drop {v:.2f} points vs the {vs} > {limit:g}")
+        out += [f"{r['row']}: {msg}" for msg in budget.drop_failures(drops, vs)]
         timed = r.get("latency_e2e") or r.get("latency_batch1") or {}
         lat = timed.get("p90_ms")
         if budget.max_latency_ms is not None and lat is not None and not r.get("host_proxy") \

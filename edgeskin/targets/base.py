@@ -10,10 +10,9 @@ says so).
 from __future__ import annotations
 
 import io
-import math
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -21,9 +20,10 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 
 from .. import __version__
+from ..budget import METRICS, Budget
 from ..bundle import Manifest, write_bundle
 from ..errors import ConfigError, EdgeskinError
-from ..metrics import classification_report
+from ..metrics import classification_report, drops_points
 
 
 class CompileError(EdgeskinError):
@@ -32,51 +32,16 @@ class CompileError(EdgeskinError):
     exit_code = 3
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Largest allowed drops (percentage points) and smallest top-1 agreement (fraction)."""
-
-    top1: float = 0.5
-    balanced: float = 1.5
-    mel_recall: float = 2.0
-    min_agreement: float = 0.97
-
-    @classmethod
-    def parse(cls, text: str | None, min_agreement: float | None = None) -> "Budget":
-        """``top1=0.5,balanced=1.5,mel_recall=2``."""
-        kw: dict[str, float] = {}
-        for part in filter(None, (text or "").split(",")):
-            key, _, value = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if key not in ("top1", "balanced", "mel_recall") or not value:
-                raise ConfigError(f"bad budget entry {part!r}", "use e.g. --max-drop top1=0.5,balanced=1.5,mel_recall=2")
-            try:
-                kw[key] = float(value)
-            except ValueError:
-                raise ConfigError(f"bad budget value {part!r}", "numbers are percentage points") from None
-            if not math.isfinite(kw[key]):  # nan would silently disable the check
-                raise ConfigError(f"bad budget value {part!r}", "use a finite number of percentage points")
-        if min_agreement is not None:
-            kw["min_agreement"] = float(min_agreement)
-            if not 0.0 <= kw["min_agreement"] <= 1.0:
-                raise ConfigError(f"--min-agreement {min_agreement} is not a fraction", "use e.g. 0.97")
-        return cls(**kw)
-
-
 def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, codes: tuple[str, ...],
             budget: Budget) -> dict[str, Any]:
     """Compiled vs FP32 on the same images: agreement, drops (points), pass/fail per metric."""
     ours = classification_report(probs, labels, codes)
     ref = classification_report(reference, labels, codes)
     agreement = float(np.mean(probs.argmax(1) == reference.argmax(1)))
-    pos = "mel_sensitivity" if "mel" in codes else "malignant_sensitivity"
-    drops = {
-        "top1": 100 * (ref["top1"] - ours["top1"]),
-        "balanced": 100 * (ref["balanced_accuracy"] - ours["balanced_accuracy"]),
-        "mel_recall": 100 * (ref[pos] - ours[pos]),
-    }
-    failures = [f"{k} drop {v:.2f} > {getattr(budget, k)}" for k, v in drops.items() if v > getattr(budget, k) + 1e-9]
-    if agreement < budget.min_agreement:
+    pos = f"{ref['positive_class']}_sensitivity" if ref.get("positive_class") else "malignant_sensitivity"
+    drops = drops_points(ref, ours)
+    failures = budget.drop_failures(drops)
+    if budget.min_agreement is not None and agreement < budget.min_agreement:
         failures.append(f"top-1 agreement {100 * agreement:.2f}% < {100 * budget.min_agreement:.1f}%")
     return {
         "n": int(len(labels)),
@@ -85,7 +50,7 @@ def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, codes:
         "fp32": {k: ref[k] for k in ("top1", "top2", "top3", "balanced_accuracy", pos, "ece")},
         "drops_points": drops,
         "max_abs_prob_diff": float(np.abs(probs - reference).max()) if len(probs) else 0.0,
-        "budget": asdict(budget),
+        "budget": {k: v for k, v in budget.to_dict().items() if k in (*METRICS, "min_agreement")},
         "passed": not failures,
         "failures": failures,
     }

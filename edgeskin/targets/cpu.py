@@ -70,7 +70,7 @@ class OnnxTarget(Target):
         out: str | os.PathLike,
         calibration: CalibrationSet | None = None,
         member: str | None = None,
-        budget: Budget = Budget(),
+        budget: Budget = Budget.for_compile(),
         quantize: QuantizeOptions = QuantizeOptions(),
         opset: int | None = None,
         device: str | None = None,

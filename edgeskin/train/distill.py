@@ -27,7 +27,7 @@ from ..data.licence import licence_record
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, write_json
 from ..labels import LabelSet
-from ..metrics import classification_report
+from ..metrics import best_member, classification_report, drops_points
 from ..models.arch import arch_spec, build_model
 from ..members.base import display
 from ..models import load_ensemble
@@ -276,8 +276,8 @@ def _best_member(members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.nda
     for m in members:
         p = predict_probs(m.model, val_x, batch_size=batch_size, device=device)
         scores[m.name] = float(classification_report(p, val_y, labels.codes)["balanced_accuracy"])
-    best = max(members, key=lambda m: scores[m.name])
-    return best, scores
+    best = best_member(scores)
+    return next(m for m in members if m.name == best), scores
 
 
 def init_student(cfg: DistillConfig, members: Sequence[Checkpoint], val_x: np.ndarray, val_y: np.ndarray,
@@ -380,16 +380,8 @@ def compare_report(teacher_probs: np.ndarray, student_probs: np.ndarray, targets
     t = classification_report(teacher_probs, targets, labels.codes)
     s = classification_report(student_probs, targets, labels.codes)
     agree = float(np.mean(teacher_probs.argmax(1) == student_probs.argmax(1))) if len(targets) else float("nan")
-    pos = labels.positive
-    return {
-        "split": split_name, "n": int(len(targets)), "teacher": t, "student": s,
-        "top1_agreement": agree,
-        "drops_points": {
-            "top1": 100 * (t["top1"] - s["top1"]),
-            "balanced": 100 * (t["balanced_accuracy"] - s["balanced_accuracy"]),
-            f"{pos}_sensitivity": 100 * (t[f"{pos}_sensitivity"] - s[f"{pos}_sensitivity"]),
-        },
-    }
+    return {"split": split_name, "n": int(len(targets)), "teacher": t, "student": s, "top1_agreement": agree,
+            "drops_points": drops_points(t, s)}
 
 
 # ---------------------------------------------------------------- the command
