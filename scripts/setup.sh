@@ -12,4 +12,4 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   echo "installing torch 2.14.1 + torchvision 0.29.1 (several GB; once)"
   .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/python -m pip install --quiet -e ".[compress,runtime,jetson,bench,keras,timm,dev]"
+.venv/bin/python -m pip install --quiet -e ".[compress,runtime,jetson,phone,bench,keras,timm,dev]"

@@ -59,13 +59,17 @@ def _litert_interpreter():  # noqa: ANN202
 
 
 def quant_params(detail: dict) -> tuple[float, int] | None:
-    """(scale, zero_point) of a per-tensor quantized input/output, None for a float tensor."""
+    """(scale, zero_point) of a per-tensor quantized input/output, None for a float tensor. An
+    integer tensor without quantization parameters holds plain integers, (1.0, 0): a phone
+    bundle's uint8 input takes pixels 0-255 as they are."""
     if np.dtype(detail["dtype"]).kind == "f":
         return None
     scale, zero_point = detail.get("quantization", (0.0, 0))
     if not scale:
         qp = detail.get("quantization_parameters", {})
         scales, zps = qp.get("scales", []), qp.get("zero_points", [])
+        if len(scales) == 0:
+            return 1.0, 0
         if len(scales) != 1:
             raise ConfigError(f"tensor {detail.get('name')} is integer but not per-tensor quantized",
                               "re-compile the bundle")

@@ -11,8 +11,24 @@ Straight from the torch model with litert-torch (no ONNX step):
 - ``fp16``: float16 weights (float32 compute and I/O), half the file.
 - ``fp32``: the plain conversion.
 
-Input layout NHWC (phones) or NCHW. The labels and normalisation also go into standard TFLite
-metadata. The compiled model is checked through the runtime against FP32 like every target.
+What the model takes and gives (every precision):
+
+- ``input_type="uint8"`` (default): RGB pixels 0-255 as uint8, what MediaPipe's
+  ``ImageClassifier`` and phone apps feed. The model casts them to float and normalises them
+  per channel in an explicit subtract-and-multiply before the first convolution (folding the
+  normalisation into that convolution would change its zero-padded borders; see
+  benchmarks/tflite_target.py for the measured effect). ``normalized``: the normalised tensor,
+  float32, or int8 with the model's own scale/zero point for an int8 model whose first
+  convolution is quantized (custom pipelines; MediaPipe refuses both).
+- ``output_kind="probabilities"`` (default): float32 probabilities, softmax inside the model.
+  ``logits``: the app applies softmax.
+
+Input layout NHWC (phones) or NCHW. Labels, input and output are described in TFLite metadata
+written with MediaPipe's maintained writer (targets/tflite_metadata.py), claiming only what is
+true of the model. NHWC uint8 bundles also record what resizing the whole image (MediaPipe's
+default without a region of interest) costs against edgeskin's centre crop on the validation
+split (``manifest.extra["app_preprocessing"]``; advice in targets/phone.py and docs/phone.md).
+The compiled model is checked through the runtime against FP32 like every target.
 """
 
 from __future__ import annotations
@@ -36,6 +52,12 @@ from .registry import register
 
 LAYOUTS = ("NHWC", "NCHW")
 OBSERVERS = ("histogram", "minmax", "mean_minmax")
+#: ``uint8``: RGB pixels 0-255, normalised inside the model (what MediaPipe and apps feed);
+#: ``normalized``: the normalised tensor (float32, or int8 with the model's own quantization
+#: parameters for an int8 model whose first convolution is quantized), for custom pipelines
+INPUT_TYPES = ("uint8", "normalized")
+#: ``probabilities``: float32, softmax inside the model; ``logits``: the app applies softmax
+OUTPUT_KINDS = ("probabilities", "logits")
 
 
 def _residual_quantizer_class() -> Any:
@@ -83,24 +105,61 @@ STEMS = {"resnet50": ("conv1", "bn1"), "resnet18": ("conv1", "bn1"),
          "mobilenet_v3_large": ("features.0",)}
 
 
-def _skipping(qcls: Any, prefixes: tuple[str, ...]) -> Any:
-    """``qcls`` that leaves the nodes of the named modules (and their weights) in float."""
+def _skipping(qcls: Any, prefixes: tuple[str, ...], *, io_wrapper: str | None = None) -> Any:
+    """``qcls`` that leaves the nodes of the named modules (and their weights) in float, and, with
+    ``io_wrapper`` (the attribute under which :class:`PhoneIO` holds the network), the wrapper's
+    own nodes too: the in-model normalisation and the softmax stay float."""
+
+    def strip(fqn: str) -> str:
+        return fqn.removeprefix("wrapped.").removeprefix("wrapped")
 
     def inside(fqn: str) -> bool:
-        fqn = fqn.removeprefix("wrapped.")
         return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
+
+    def own(fqn: str) -> bool:
+        return io_wrapper is not None and not (fqn == io_wrapper or fqn.startswith(io_wrapper + "."))
 
     class Skipping(qcls):  # type: ignore[misc, valid-type]
         def annotate(self, model: Any) -> Any:
             model = super().annotate(model)
             for n in model.graph.nodes:
+                if n.op != "call_function":
+                    continue
                 stack = n.meta.get("nn_module_stack") or {}
-                fqns = [v[0] for v in stack.values()]
-                if fqns and inside(fqns[-1]):
+                fqn = strip([v[0] for v in stack.values()][-1]) if stack else ""
+                if inside(fqn) or own(fqn):
                     n.meta.pop("quantization_annotation", None)
             return model
 
     return Skipping
+
+
+def phone_io_module(net: Any, *, mean255: tuple[float, ...], std255: tuple[float, ...], bgr: bool,
+                    input_type: str, output_kind: str) -> Any:
+    """``net`` (NCHW, normalised input, logits out) as a phone app takes it: with ``input_type``
+    ``uint8`` it takes RGB pixels 0-255 (uint8) and normalises them itself, per channel, as an
+    explicit subtract-and-multiply before the first convolution (so the first convolution's zero
+    padding stays a zero of the normalised image, exactly as in training); with ``output_kind``
+    ``probabilities`` it ends with a softmax."""
+    import torch
+
+    class PhoneIO(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(mean255, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("inv_std", 1.0 / torch.tensor(std255, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if input_type == "uint8":
+                x = x.to(torch.float32)
+                if bgr:
+                    x = x.flip(1)
+                x = (x - self.mean) * self.inv_std
+            y = self.net(x)
+            return torch.softmax(y, dim=1) if output_kind == "probabilities" else y
+
+    return PhoneIO().eval()
 
 
 def _quantization_config(observer: str) -> Any:
@@ -142,6 +201,76 @@ def io_details(model: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
             {"dtype": np.dtype(b.output["dtype"]).name, "quant": b.output_quant, "shape": list(b.output["shape"])})
 
 
+def pixels(x: np.ndarray, mean255: tuple[float, ...], std255: tuple[float, ...], bgr: bool) -> np.ndarray:
+    """Normalised NCHW tensors back to the RGB pixels (0-255, float32 holding integers) they
+    came from: what a ``uint8``-input model is fed."""
+    m = np.asarray(mean255, np.float64).reshape(1, 3, 1, 1)
+    sd = np.asarray(std255, np.float64).reshape(1, 3, 1, 1)
+    p = x.astype(np.float64) * sd + m
+    if bgr:
+        p = p[:, ::-1]
+    return np.ascontiguousarray(np.clip(np.rint(p), 0, 255), dtype=np.float32)
+
+
+def resize_whole(img: np.ndarray, size: int) -> np.ndarray:
+    """An HWC uint8 image squeezed to ``size`` x ``size`` as MediaPipe's ImageClassifier does
+    without a region of interest: the whole image, aspect ratio not kept, bilinear sampling at
+    pixel centres without antialiasing (OpenCV ``warpAffine`` with ``INTER_LINEAR``, its CPU
+    path). The result is uint8."""
+    h, w = img.shape[:2]
+
+    def axis(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = (np.arange(size) + 0.5) * (n_in / size) - 0.5
+        c = np.clip(c, 0, n_in - 1)
+        lo = np.floor(c).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (c - lo)
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    a = img.astype(np.float32)
+    top = a[y0][:, x0] * (1 - fx)[None, :, None] + a[y0][:, x1] * fx[None, :, None]
+    bot = a[y1][:, x0] * (1 - fx)[None, :, None] + a[y1][:, x1] * fx[None, :, None]
+    out = top * (1 - fy)[:, None, None] + bot * fy[:, None, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def app_preprocessing_check(model: bytes, val: Dataset, pre: Any, codes: tuple[str, ...] | list[str], *,
+                            threads: int | None = None) -> dict[str, Any]:
+    """How much a phone app loses by resizing the whole image (MediaPipe's default without a
+    region of interest) instead of edgeskin's resize-shorter-side and centre crop: both ways
+    through ``model`` (an NHWC uint8-input model) on the validation images. Top-1 agreement
+    between the two, and each way's balanced accuracy."""
+    from ..metrics import balanced_accuracy
+    from ..preprocess import center_crop, load_resized, open_image
+    from ..runtime.backends import LiteRTBackend
+    from ..runtime.numerics import softmax
+
+    b = LiteRTBackend(model, threads=threads)
+    crop, whole, ys = [], [], []
+    for smp in val.samples:
+        crop.append(center_crop(load_resized(smp.path, pre), pre.size))  # RGB uint8
+        whole.append(resize_whole(np.asarray(open_image(smp.path), dtype=np.uint8), pre.size))
+        ys.append(list(codes).index(smp.dx))
+
+    def probs(images: list[np.ndarray]) -> np.ndarray:
+        y = b.run(np.stack(images).astype(np.float32)) if images else np.zeros((0, len(codes)), np.float32)
+        y = np.asarray(y, np.float64)
+        return y if np.allclose(y.sum(1), 1, atol=1e-3) and (y >= 0).all() else softmax(y)
+
+    pc, pw, y = probs(crop), probs(whole), np.asarray(ys)
+    n = len(y)
+    bc = balanced_accuracy(pc.argmax(1), y, len(codes)) if n else float("nan")
+    bw = balanced_accuracy(pw.argmax(1), y, len(codes)) if n else float("nan")
+    return {"split": "val", "n": n,
+            "centre_crop": f"resize the shorter side to {pre.resize_size}, centre crop {pre.size} (edgeskin's own)",
+            "whole_image": f"whole image resized to {pre.size}x{pre.size}, aspect ratio not kept, bilinear without "
+                           "antialiasing (MediaPipe ImageClassifier without a region of interest, emulated)",
+            "top1_agreement": float(np.mean(pc.argmax(1) == pw.argmax(1))) if n else float("nan"),
+            "balanced_accuracy_centre_crop": bc, "balanced_accuracy_whole_image": bw,
+            "balanced_accuracy_drop_points": 100 * (bc - bw)}
+
+
 def _quiet(convert: Any) -> Any:
     """The converter's C++ start-up lines (absl, oneDNN) stay out of the log unless --verbose."""
     from ..quiet import third_party_output
@@ -155,7 +284,7 @@ class TfliteTarget(Target):
     aliases = ("android", "ios", "phone", "litert")
     precisions = ("int8", "fp16", "fp32")
     needs_calibration = ("int8",)
-    extras = ("compress", "tflite")
+    extras = ("compress", "tflite", "phone")
     engine = "litert"
     description = "phones through LiteRT (TFLite): litert-torch PT2E INT8, FP16 or FP32; NHWC or NCHW input"
     default_device = "android-arm64"
@@ -170,11 +299,13 @@ class TfliteTarget(Target):
         out: str | os.PathLike,
         calibration: CalibrationSet | None = None,
         member: str | None = None,
-        budget: Budget = Budget(),
+        budget: Budget = Budget.for_compile(),
         layout: str = "NHWC",
         int8_adds: bool = False,
         first_conv_float: bool = False,
         observer: str = "mean_minmax",
+        input_type: str = "uint8",
+        output_kind: str = "probabilities",
         subset_size: int = 512,
         device: str | None = None,
         force: bool = False,
@@ -188,10 +319,16 @@ class TfliteTarget(Target):
             raise ConfigError(f"unknown layout {layout!r}", "choose NHWC (phones) or NCHW")
         if observer not in OBSERVERS:
             raise ConfigError(f"unknown observer {observer!r}", f"choose one of: {', '.join(OBSERVERS)}")
+        if input_type not in INPUT_TYPES:
+            raise ConfigError(f"unknown input type {input_type!r}",
+                              "choose uint8 (RGB pixels 0-255, what phone apps feed) or normalized")
+        if output_kind not in OUTPUT_KINDS:
+            raise ConfigError(f"unknown output kind {output_kind!r}", "choose probabilities or logits")
         if precision in self.needs_calibration and calibration is None:
             raise ConfigError(f"{self.name}/{precision} needs a calibration set",
                               "make one with `edgeskin calib make` and pass --calib calibration/NAME.json")
         litert_torch = _quiet(lambda: require("litert_torch", extra="compress", purpose="compiling for phones (LiteRT)"))
+        require("mediapipe", extra="phone", purpose="writing the phone bundle's metadata (MediaPipe's writer)")
         import torch
 
         from ..profiles import get_profile
@@ -212,19 +349,34 @@ class TfliteTarget(Target):
             fp32_probs = torch.softmax(torch.cat([net(torch.from_numpy(val_x[s : s + 64]))
                                                   for s in range(0, len(val_x), 64)]).float(), 1).numpy()
         to_layout = (lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))) if layout == "NHWC" else (lambda a: a)
+        k = 255.0 if pre.input_range == 1.0 else 1.0  # normalise in 0-255 pixel units
+        mean255, std255 = tuple(k * m for m in pre.mean), tuple(k * v for v in pre.std)
+        bgr = pre.channel_order == "BGR"
+        if input_type == "uint8":  # the model's input: pixels; the compile-time check feeds those
+            to_model = lambda a: to_layout(pixels(a, mean255, std255, bgr))  # noqa: E731
+        else:
+            to_model = to_layout
+        net = phone_io_module(net, mean255=mean255, std255=std255, bgr=bgr, input_type=input_type,
+                              output_kind=output_kind)
         if layout == "NHWC":
             net = litert_torch.to_channel_last_io(net, args=[0]).eval()
-        sample = (torch.from_numpy(to_layout(val_x[:1])),)
-        record: dict[str, Any] = {"converter": "litert-torch", "layout": layout}
-        reporter.message(f"converting {ck.name} to LiteRT {precision} ({layout} input)")
+        first = to_model(val_x[:1])
+        sample = (torch.from_numpy(first.astype(np.uint8) if input_type == "uint8" else first),)
+        record: dict[str, Any] = {"converter": "litert-torch", "layout": layout, "input_type": input_type,
+                                  "output_kind": output_kind}
+        if input_type == "uint8":
+            record["normalization"] = {"where": "inside the model, an explicit (pixel - mean) * (1 / std) before "
+                                                "the first convolution", "mean_0_255": list(mean255),
+                                       "std_0_255": list(std255), "channel_order": pre.channel_order}
+        reporter.message(f"converting {ck.name} to LiteRT {precision} ({layout} {input_type} input, {output_kind})")
         from ..quiet import third_party_output
 
         try:
             with third_party_output():  # the converter's stage lines (shown with --verbose)
                 data = self._convert(litert_torch, net, sample, precision, calibration, dataset, split, pre,
-                                     to_layout, record, int8_adds=int8_adds, observer=observer,
+                                     to_model, record, int8_adds=int8_adds, observer=observer,
                                      subset_size=subset_size, first_conv_float=first_conv_float, ck=ck,
-                                     reporter=reporter)
+                                     input_type=input_type, reporter=reporter)
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - a converter failure becomes a clear error
@@ -233,26 +385,38 @@ class TfliteTarget(Target):
         data = bytes(data)
         inp, outp = io_details(data)
         spec = replace(InputSpec.from_preprocess(pre), layout=layout, name="args_0")
+        if input_type == "uint8":
+            if inp["dtype"] != "uint8":
+                raise CompileError(f"the converted model takes {inp['dtype']}, not uint8 pixels",
+                                   "report this model; --input-type normalized avoids it")
+            # the runtime feeds pixels 0-255, RGB, unnormalised: the model does the rest
+            spec = replace(spec, channel_order="RGB", input_range=255.0, normalization="meanstd",
+                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if inp["quant"] is not None:
             spec = replace(spec, dtype=inp["dtype"], scale=inp["quant"][0], zero_point=inp["quant"][1])
-        output: dict[str, Any] = {"name": "output_0", "kind": "logits", "dtype": outp["dtype"]}
+        output: dict[str, Any] = {"name": "output_0", "kind": "probs" if output_kind == "probabilities" else "logits",
+                                  "dtype": outp["dtype"]}
         if outp["quant"] is not None:
             output.update(scale=outp["quant"][0], zero_point=outp["quant"][1])
-        from ..tflite_metadata import add_metadata, build_metadata
+        from .tflite_metadata import write_metadata
 
-        meta = build_metadata(labels=labels.codes, mean=[255 * m for m in pre.mean], std=[255 * s for s in pre.std],
-                              size=pre.size, name=f"edgeskin {ck.name}", version=ck.sha256[:12],
+        data = write_metadata(data, labels=labels.codes, name=f"edgeskin {ck.name}",
                               description=f"Skin-lesion classifier ({labels.name}, {len(labels.codes)} classes), "
-                                          f"{precision}, compiled by edgeskin",
-                              input_is_float=inp["quant"] is None)
-        data = add_metadata(data, meta, labels.codes)
-        record["metadata"] = {"format": "TFLite ModelMetadata (TFLITE_METADATA) + labels.txt",
-                              "normalization_0_255": {"mean": [255 * m for m in pre.mean],
-                                                      "std": [255 * s for s in pre.std]}}
+                                          f"{precision}, {input_type} input, {output_kind} out; compiled by edgeskin "
+                                          f"from {ck.sha256[:12]}",
+                              input_type=input_type, output_kind=output_kind, mean255=mean255, std255=std255)
+        record["metadata"] = {"format": "TFLite ModelMetadata (MediaPipe metadata writer) + labels.txt",
+                              "normalization_0_255": (None if input_type == "uint8"
+                                                      else {"mean": list(mean255), "std": list(std255)}),
+                              "output": output_kind}
         provenance = {**model_provenance(ck.name, ck.config["arch"], ck.sha256, ck.config, split),
                       "conversion": record, "device": {"profile": profile.name, "title": profile.title}}
         if precision == "int8" and calibration is not None:
             provenance["calibration"] = calibration.summary()
+        extra: dict[str, Any] = {}
+        if layout == "NHWC" and input_type == "uint8":
+            reporter.message("measuring whole-image resize against the centre crop on the validation split")
+            extra["app_preprocessing"] = app_preprocessing_check(data, val, pre, labels.codes, threads=threads)
         manifest = base_manifest(
             name=Path(out).name.removesuffix(".edgeskin"), target=self.name, precision=precision,
             engine={"name": "litert", "format": "tflite", "delegates": profile.extra.get("delegates", ["xnnpack"]),
@@ -260,10 +424,10 @@ class TfliteTarget(Target):
                     "threads": profile.threads},
             input=spec, labels=tuple(labels.codes), label_set=labels.name, model_file="model.tflite",
             output=output,
-            toolchain=toolchain_versions("torch", "litert_torch", "ai_edge_litert", "torchao", "numpy"),
-            provenance=provenance,
+            toolchain=toolchain_versions("torch", "litert_torch", "ai_edge_litert", "torchao", "mediapipe", "numpy"),
+            provenance=provenance, extra=extra,
         )
-        xs = to_layout(val_x)
+        xs = to_model(val_x)
         reporter.start(f"checking the {precision} artefact through the runtime", len(xs))
         try:
             return verify_and_write(
@@ -277,7 +441,7 @@ class TfliteTarget(Target):
 
     def _convert(self, litert_torch: Any, net: Any, sample: Any, precision: str, calibration: Any, dataset: Any,
                  split: Any, pre: Any, to_layout: Any, record: dict[str, Any], *, int8_adds: bool, observer: str,
-                 subset_size: int, first_conv_float: bool, ck: Any, reporter: Any) -> Any:
+                 subset_size: int, first_conv_float: bool, ck: Any, input_type: str, reporter: Any) -> Any:
         if precision == "fp32":
             return _quiet(lambda: litert_torch.convert(net, sample).model_content())
         if precision == "fp16":
@@ -287,13 +451,13 @@ class TfliteTarget(Target):
         data, qrec = self._int8(litert_torch, net, calibration, dataset, split, pre, to_layout, sample,
                                 int8_adds=int8_adds, observer=observer, subset_size=subset_size,
                                 float_modules=STEMS.get(ck.config["arch"], ()) if first_conv_float else (),
-                                reporter=reporter)
+                                input_type=input_type, reporter=reporter)
         record.update(qrec)
         return data
 
     def _int8(self, litert_torch: Any, net: Any, calibration: CalibrationSet, dataset: Dataset, split: Split,
               pre: Any, to_layout: Any, sample: tuple, *, int8_adds: bool, observer: str, subset_size: int,
-              float_modules: tuple[str, ...], reporter: Reporter) -> tuple[bytes, dict[str, Any]]:
+              float_modules: tuple[str, ...], input_type: str, reporter: Reporter) -> tuple[bytes, dict[str, Any]]:
         import torch
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
         from litert_torch.quantize.quant_config import QuantConfig
@@ -301,8 +465,8 @@ class TfliteTarget(Target):
 
         cal = calibration_inputs(calibration, dataset, split, pre, reporter)[: max(1, subset_size)]
         qcls = _residual_quantizer_class() if int8_adds else PT2EQuantizer
-        if float_modules:
-            qcls = _skipping(qcls, float_modules)
+        # the network sits under PhoneIO's ``net``; the wrapper's normalisation and softmax stay float
+        qcls = _skipping(qcls, tuple("net." + m for m in float_modules), io_wrapper="net")
         q = qcls().set_global(_quantization_config(observer))
         # keep the classifier in float: litert's module-type filter compares the type *names*
         # torch.export records, so the class must be given by its qualified name
@@ -316,7 +480,8 @@ class TfliteTarget(Target):
         reporter.start(f"calibrating ({len(cal)} images, {observer} observer)", len(cal))
         with torch.no_grad():
             for x in cal:
-                g(torch.from_numpy(to_layout(x)))
+                xi = to_layout(x)
+                g(torch.from_numpy(xi.astype(np.uint8) if input_type == "uint8" else xi))
                 reporter.advance(1)
         reporter.stop()
         g = convert_pt2e(g, fold_quantize=False)

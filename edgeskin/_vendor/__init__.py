@@ -1,1 +1,0 @@
-"""Third-party code kept as shipped (see each file's header)."""
