@@ -42,7 +42,9 @@ class Setting:
     flags: tuple[str, ...] = ()
     lo: float | None = None
     hi: float | None = None
-    choices: tuple[str, ...] | None = None
+    #: the allowed texts, or a function giving them (read only when a value is checked, so that
+    #: building the command line imports nothing heavy)
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     recipe_default: Any = ...
     cli: bool = True
     recipe: bool = True
@@ -51,14 +53,17 @@ class Setting:
     def default_for(self, where: str) -> Any:
         return self.default if where == CLI or self.recipe_default is ... else self.recipe_default
 
+    def allowed(self) -> tuple[str, ...] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
     def check_spec(self) -> Any:
         """The :mod:`edgeskin.validate` spec of this setting's recipe value."""
         from .validate import Bool, Int, ListOf, Num, Str, choices
 
         if self.spec is not None:
-            return self.spec
+            return self.spec() if callable(self.spec) else self.spec
         if self.choices:
-            return choices(self.choices)
+            return choices(self.allowed() or ())
         if self.kind is bool:
             return Bool()
         if self.kind is int:
@@ -74,7 +79,8 @@ class Setting:
         import typer
 
         flags = self.flags or (f"--{self.name.replace('_', '-')}",)
-        help_ = self.help + (f" One of: {' | '.join(self.choices)}." if self.choices and "|" not in self.help else "")
+        listed = isinstance(self.choices, tuple) and "|" not in self.help
+        help_ = self.help + (f" One of: {' | '.join(self.choices)}." if listed else "")  # type: ignore[arg-type]
         if self.kind is list:
             return Optional[List[str]], typer.Option(None, *flags, help=help_)
         if self.kind is bool:
@@ -114,10 +120,11 @@ def command_options(*groups: Iterable[Setting], into: str = "settings") -> Calla
             values = {s.name: kw.pop(s.name) for s in settings if s.name in kw}
             for s in settings:  # the recipe's rule for a choice, on the command line too
                 v = values.get(s.name)
-                if v is not None and s.choices and s.spec is None and v not in s.choices:
+                allowed = s.allowed() if v is not None and s.choices and s.spec is None else None
+                if allowed and v not in allowed:
                     flag = (s.flags or (f"--{s.name.replace('_', '-')}",))[0].split("/")[0]
-                    raise ConfigError(f"{flag} {v!r} is not one of: {', '.join(s.choices)}",
-                                      f"e.g. {flag} {s.default or s.choices[0]}")
+                    raise ConfigError(f"{flag} {v!r} is not one of: {', '.join(allowed)}",
+                                      f"e.g. {flag} {s.default or allowed[0]}")
             return fn(*args, **kw, **{into: values})
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
@@ -158,6 +165,12 @@ def _archs() -> tuple[str, ...]:
     return tuple(ARCHS)
 
 
+def _inits() -> tuple[str, ...]:
+    from .train.distill import INITS
+
+    return tuple(INITS)
+
+
 def _losses() -> tuple[str, ...]:
     from .train.losses import LOSSES
 
@@ -169,7 +182,7 @@ def training() -> tuple[Setting, ...]:
     """Settings of every training run: an ensemble's members and a distilled student."""
     return (
         Setting("preset", str, "quick", "tiny | quick | reference | published: defaults that the options below override.",
-                choices=_presets()),
+                choices=_presets),
         Setting("epochs", int, None, "Maximum epochs (per member).", lo=1, hi=100_000),
         Setting("batch_size", int, None, "Batch size.", lo=1, hi=65_536),
         Setting("lr", float, None, "Peak learning rate (AdamW, warm-up then cosine). Default: the preset's; a student "
@@ -198,15 +211,18 @@ def ensemble() -> tuple[Setting, ...]:
     from .labels import LABEL_SETS
     from .validate import AnyOf, Int, ListOf, choices
 
+    def losses_spec() -> Any:
+        return AnyOf((choices(_losses()), ListOf(choices(_losses()))))
+
     return (
         Setting("members", int, 3, "Number of ensemble members (different seeds).", lo=1, hi=1000),
-        Setting("arch", str, None, "resnet50 (default) | resnet18 | mobilenet_v3_large.", choices=_archs()),
+        Setting("arch", str, None, "resnet50 (default) | resnet18 | mobilenet_v3_large.", choices=_archs),
         Setting("labels", str, "ham10000", "ham10000 (7 classes) or binary (malignant = mel, bcc, akiec).",
                 choices=tuple(LABEL_SETS)),
         Setting("size", int, None, "Input size in pixels (224 published; 112 quick).", lo=32, hi=4096),
         Setting("losses", str, None, "wce | focal | ce, or a comma list, one per member. Default: wce, focal, wce, ...",
                 flags=("--loss", "--losses"),
-                spec=AnyOf((choices(_losses()), ListOf(choices(_losses()))))),
+                spec=losses_spec),
         Setting("freeze_epochs", int, None, "Epochs with the backbone frozen. Default: 2 if pretrained, else 0.",
                 lo=0, hi=100_000),
         Setting("finetune_stages", str, "auto", "Stages trained after the warm-up: auto | all | N (the last N).",
@@ -217,18 +233,16 @@ def ensemble() -> tuple[Setting, ...]:
 @functools.lru_cache(maxsize=1)
 def student() -> tuple[Setting, ...]:
     """Settings of a distilled student (``edgeskin distill``, a recipe's ``[student]``), on top of :func:`training`."""
-    from .train.distill import INITS
-
     return (
         Setting("arch", str, "resnet50", "The student: resnet50 (default) | resnet18 | mobilenet_v3_large.",
-                flags=("--student",), choices=_archs()),
-        Setting("loss", str, "wce", "Hard-label loss: wce | focal | ce.", choices=_losses()),
+                flags=("--student",), choices=_archs),
+        Setting("loss", str, "wce", "Hard-label loss: wce | focal | ce.", choices=_losses),
         Setting("temperature", float, 4.0, "Softmax temperature of the distillation term (scaled by T²).",
                 flags=("--temperature", "-T"), lo=1e-6, hi=1000.0),
         Setting("alpha", float, 0.7, "Weight of the distillation term; 1 - alpha goes to the hard-label loss.",
                 lo=0.0, hi=1.0),
         Setting("init", str, "auto", "auto (ImageNet if present, else the best teacher member of the same "
-                "architecture, else random) | imagenet | member | scratch.", choices=tuple(INITS)),
+                "architecture, else random) | imagenet | member | scratch.", choices=_inits),
         Setting("member", str, None, "Member copied by init = member (default: best validation balanced accuracy)."),
         Setting("augment", bool, True, "Augment training views (the teacher runs online on the same view). Off: "
                 "teacher outputs are cached once.", flags=("--augment/--no-augment",)),

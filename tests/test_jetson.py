@@ -890,11 +890,15 @@ def test_conversion_rewrites_uint8_weights_with_their_scale():
 
 # ---------------------------------------------------------------- the documented device steps, per release
 
+#: the command-line package's modules (every command is registered when edgeskin.cli is imported)
+CLI_MODULES = ("common", "tables", "train", "members", "compile", "bench", "bundle", "device", "run")
 #: the edgeskin modules the device commands may load; tests/test_jetson.py proves each runs on
 #: Python 3.8 (vermin) and the flow below proves the device commands load nothing else
 DEVICE_MODULES = (
     "edgeskin", "edgeskin.__main__", "edgeskin.errors", "edgeskin.labels", "edgeskin.preprocess",
     "edgeskin.bundle", "edgeskin.fileio", "edgeskin.profiles", "edgeskin.progress", "edgeskin.cli",
+    *(f"edgeskin.cli.{m}" for m in CLI_MODULES), "edgeskin.settings", "edgeskin.validate", "edgeskin.budget",
+    "edgeskin.targets", "edgeskin.targets.options",
     "edgeskin.cli_data", "edgeskin.runtime", "edgeskin.runtime.backends", "edgeskin.runtime.predictor",
     "edgeskin.runtime.tensorrt", "edgeskin.runtime.numerics", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
     "edgeskin.bench.runner", "edgeskin.bench.report", "edgeskin.bench.reference", "edgeskin.bench.stats",
@@ -902,7 +906,7 @@ DEVICE_MODULES = (
     "edgeskin.data.fetch", "edgeskin.quiet",
 )
 #: the modules whose annotations run at import or call time (typer reads the command functions')
-EVAL_ANNOTATIONS = ("edgeskin/cli.py", "edgeskin/cli_data.py")
+EVAL_ANNOTATIONS = (*(f"edgeskin/cli/{m}.py" for m in CLI_MODULES if m != "tables"), "edgeskin/cli_data.py")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "jetson.md"
 #: simulated TensorRT -> (documented JetPack block, board, which bundle)
