@@ -9,6 +9,17 @@ chosen on the validation split only (`--val-only` compiles and prints the valida
 without reading the test split); the test split is read once, for the table. Latency: batch 1
 through edgeskin.runtime (LiteRT with XNNPACK), all bundles interleaved in one run, warm-up
 then --runs timed runs each, medians; at 1 and 2 threads.
+
+``--phone`` measures the phone form instead (on --model, e.g. the quick recipe's distilled
+student, with its --split and --calib) and merges a ``phone`` section into the results: the
+default form (uint8 pixels in, probabilities out) against the form recipes made before it
+(normalised float input, logits out), both int8 with the recipe's options; MediaPipe's
+ImageClassifier (created from model.tflite alone, as an app) against edgeskin's runtime on the
+validation images, pre-cropped, with a centre region of interest and on the whole image; the
+whole-image resize against edgeskin's crop (agreement, balanced accuracy); what folding the
+per-channel normalisation into the first convolution would change at its zero-padded borders;
+and model.tflite's latency on LiteRT XNNPACK, both forms interleaved, at 1 and 2 threads. Only
+the validation split is read.
 """
 
 from __future__ import annotations
@@ -34,6 +45,9 @@ def main() -> None:
     ap.add_argument("--layout", default="NHWC")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--val-only", action="store_true", help="compile int8 only and print the validation check")
+    ap.add_argument("--phone", action="store_true", help="measure the phone form (see above); validation only")
+    ap.add_argument("--max-val", type=int, default=None, help="--phone: at most this many validation images")
+    ap.add_argument("--note", default="", help="--phone: what the model is, for the results file")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-tflite"))
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
@@ -47,6 +61,8 @@ def main() -> None:
 
     rep = RichReporter()
     member, calib, cal, ds, split = load_inputs(args)
+    if args.phone:
+        return phone_main(args, member, calib, cal, ds, split, rep)
     phone = get_target("tflite")
     int8_opts = dict(observer=args.observer, subset_size=args.subset_size, int8_adds=args.int8_adds,
                      first_conv_float=args.first_conv_float)
@@ -95,7 +111,224 @@ def main() -> None:
     print(markdown(record))
 
 
+def _fold_normalisation_check(model_dir: Path, member: str | None, x: np.ndarray) -> dict:
+    """FP32 in torch on the validation tensors ``x``: the network as trained (normalise, then the
+    first convolution zero-pads the normalised image) against the same network with the
+    normalisation folded into the first convolution (which then zero-pads raw pixels, i.e. pads
+    with -mean/std in normalised units)."""
+    import copy
+
+    import torch
+
+    from edgeskin.targets.prepare import select_member
+    from edgeskin.targets.tflite import pixels
+
+    ck = select_member(model_dir, member, target="tflite")
+    pre = ck.preprocess
+    net = ck.model.float().eval()
+    k = 255.0 if pre.input_range == 1.0 else 1.0
+    mean = torch.tensor([k * m for m in pre.mean]).view(1, 3, 1, 1)
+    std = torch.tensor([k * v for v in pre.std]).view(1, 3, 1, 1)
+    folded = copy.deepcopy(net)
+    conv = folded.conv1
+    w = conv.weight.data
+    new = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          bias=True)
+    new.weight.data = w / std.view(1, 3, 1, 1)
+    b = conv.bias.data if conv.bias is not None else torch.zeros(w.shape[0])
+    new.bias.data = b - (w * (mean / std).view(1, 3, 1, 1)).sum((1, 2, 3))
+    folded.conv1 = new
+    px = torch.from_numpy(pixels(x, tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()),
+                                 pre.channel_order == "BGR"))
+    with torch.inference_mode():
+        ref = torch.cat([torch.softmax(net((px[i:i + 64] - mean) / std), 1) for i in range(0, len(px), 64)])
+        fol = torch.cat([torch.softmax(folded(px[i:i + 64]), 1) for i in range(0, len(px), 64)])
+    diff = (ref - fol).abs()
+    return {"n": len(x), "first_conv": f"{tuple(conv.kernel_size)} kernel, padding {conv.padding}",
+            "top1_agreement": float((ref.argmax(1) == fol.argmax(1)).float().mean()),
+            "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean())}
+
+
+def _raw_latency(bundles: dict[str, Path], runs: int) -> dict[str, dict[str, dict]]:
+    """model.tflite alone in LiteRT with XNNPACK (set input, invoke, read output), each model fed
+    its own input type, all interleaved in one run; per thread count."""
+    from edgeskin.bench.latency import timed_until
+    from edgeskin.runtime.backends import _litert_interpreter
+
+    Interpreter, _, _ = _litert_interpreter()
+    out = {}
+    for th in (1, 2):
+        fns = {}
+        for name, b in bundles.items():
+            it = Interpreter(model_content=(Path(b) / "model.tflite").read_bytes(), num_threads=th)
+            it.allocate_tensors()
+            i, o = it.get_input_details()[0], it.get_output_details()[0]
+            rng = np.random.default_rng(0)
+            x = (rng.integers(0, 256, i["shape"]).astype(i["dtype"]) if i["dtype"] == np.uint8
+                 else rng.normal(0, 1, i["shape"]).astype(i["dtype"]))
+
+            def run(it=it, i=i, o=o, x=x) -> object:
+                it.set_tensor(i["index"], x)
+                it.invoke()
+                return it.get_tensor(o["index"])
+
+            fns[name] = run
+        stats = timed_until(fns, min_samples=runs, min_seconds=0.0, warmup=20, max_samples=runs)
+        out[str(th)] = {k: v.to_dict() for k, v in stats.items()}
+    return out
+
+
+def phone_main(args: argparse.Namespace, member: str | None, calib: Path, cal, ds, split, rep) -> None:  # noqa: ANN001
+    import time
+
+    from edgeskin.data import load_eval_set
+    from edgeskin.fileio import atomic_write_bytes, write_json
+    from edgeskin.metrics import balanced_accuracy
+    from edgeskin.preprocess import center_crop, load_resized, open_image
+    from edgeskin.runtime import load
+    from edgeskin.targets import get_target
+    from edgeskin.targets.phone import centre_roi, mediapipe_scores
+    from edgeskin.targets.prepare import select_member
+
+    phone = get_target("tflite")
+    opts = dict(first_conv_float=args.first_conv_float, observer=args.observer, subset_size=args.subset_size,
+                int8_adds=args.int8_adds)
+    forms = {"int8 uint8-in/probs-out (default)": dict(precision="int8", **opts),
+             "int8 float-in/logits-out (before)": dict(precision="int8", input_type="normalized",
+                                                       output_kind="logits", **opts),
+             "fp32 uint8-in/probs-out (default)": dict(precision="fp32"),
+             "fp32 float-in/logits-out (before)": dict(precision="fp32", input_type="normalized",
+                                                       output_kind="logits")}
+    bundles, checks, seconds = {}, {}, {}
+    for i, (name, kw) in enumerate(forms.items()):
+        t0 = time.perf_counter()
+        res = phone.compile(args.model, member=member, dataset=ds, split=split, out=args.out / f"phone{i}.edgeskin",
+                            calibration=cal, force=True, overwrite=True, threads=2, reporter=rep, **kw)
+        bundles[name], checks[name], seconds[name] = res.bundle, res.check, time.perf_counter() - t0
+    default, before = list(forms)[0], list(forms)[1]
+
+    # MediaPipe against edgeskin's runtime, validation images
+    ck = select_member(args.model, member, target="tflite")
+    val = split.apply(ds, "val")
+    samples = val.samples[: args.max_val] if args.max_val else val.samples
+    codes = list(ck.labels.codes)
+    y = np.array([codes.index(s.dx) for s in samples])
+    mp: dict[str, dict] = {}
+    for name in (default, list(forms)[2]):
+        with load(bundles[name]) as pred:
+            ours = np.stack([p.probs for p in pred.predict([s.path for s in samples], batch_size=32)])
+            cfg = pred.preprocess_config
+        full = [np.asarray(open_image(s.path), dtype=np.uint8) for s in samples]
+        cropped = [center_crop(load_resized(s.path, cfg), cfg.size) for s in samples]
+        model = Path(bundles[name]) / "model.tflite"
+        ways = {"pre-cropped": mediapipe_scores(model, cropped),
+                "centre ROI": mediapipe_scores(model, full, rois=[centre_roi(a.shape[1], a.shape[0], size=cfg.size,
+                                                                            resize=cfg.resize_size) for a in full]),
+                "whole image": mediapipe_scores(model, full)}
+        del full, cropped
+        mp[name] = {"n": len(y), "edgeskin_balanced_accuracy": balanced_accuracy(ours.argmax(1), y, len(codes)),
+                    "ways": {w: {"top1_agreement_with_edgeskin": float(np.mean(v.argmax(1) == ours.argmax(1))),
+                                 "max_abs_score_diff": float(np.abs(v - ours).max()),
+                                 "balanced_accuracy": balanced_accuracy(v.argmax(1), y, len(codes))}
+                             for w, v in ways.items()}}
+    # folding the normalisation into the first convolution (FP32, torch)
+    _, vx, _ = load_eval_set(val, ck.preprocess, ck.labels, what="validation")
+    fold = _fold_normalisation_check(args.model, member, vx[: args.max_val] if args.max_val else vx)
+    lat = _raw_latency({"default": bundles[default], "before": bundles[before],
+                        "fp32 default": bundles[list(forms)[2]], "fp32 before": bundles[list(forms)[3]]}, args.runs)
+    rec = {
+        "model": str(args.model), "note": args.note, "member": member, "split": str(args.split),
+        "calibration": str(calib), "options": opts, "compile_seconds": seconds,
+        "forms": {n: {"input": load(b).manifest.input.dtype, "output": load(b).manifest.output["kind"],
+                      "val_check": {k: checks[n][k] for k in ("n", "top1_agreement", "drops_points", "passed")},
+                      "app_preprocessing": load(b).manifest.extra.get("app_preprocessing"),
+                      "model_bytes": (Path(b) / "model.tflite").stat().st_size}
+                  for n, b in bundles.items()},
+        "mediapipe": mp, "fold_normalisation": fold, "latency_ms_by_threads": lat,
+        "default_over_before_p50": {th: v["default"]["p50_ms"] / v["before"]["p50_ms"] for th, v in lat.items()},
+        "fp32_default_over_before_p50": {th: v["fp32 default"]["p50_ms"] / v["fp32 before"]["p50_ms"]
+                                         for th, v in lat.items()},
+        "versions": {"mediapipe": _version("mediapipe"), "ai-edge-litert": _version("ai-edge-litert")},
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "platform": platform.platform()},
+    }
+    path = args.results / "tflite_target.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record["phone"] = rec
+    write_json(path, record)
+    atomic_write_bytes(args.results / "tflite_target.md", markdown(record).encode())
+    print(phone_markdown(rec))
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def phone_markdown(p: dict) -> str:
+    d, b = "int8 uint8-in/probs-out (default)", "int8 float-in/logits-out (before)"
+    f = p["forms"]
+    app = f[d]["app_preprocessing"]
+    lines = [
+        "## Phone form: uint8 pixels in, probabilities out (validation split)",
+        "",
+        f"Model: `{p['model']}`{' (' + p['note'] + ')' if p.get('note') else ''}; split `{p['split']}`; INT8 options "
+        f"`{json.dumps(p['options'])}`; mediapipe {p['versions']['mediapipe']}, ai-edge-litert "
+        f"{p['versions']['ai-edge-litert']}. Produced by `benchmarks/tflite_target.py --phone`.",
+        "",
+        "| bundle | input | output | val agreement with FP32 | top-1 / balanced / mel drop (points) | model file |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, v in f.items():
+        c = v["val_check"]
+        dp = c["drops_points"]
+        lines.append(f"| {n} | {v['input']} | {v['output']} | {pct(c['top1_agreement'])} % | "
+                     f"{dp.get('top1') or 0:.2f} / {dp.get('balanced') or 0:.2f} / "
+                     f"{dp.get('mel_recall') or 0:.2f} | {v['model_bytes'] / 1e6:.1f} MB |")
+    lines += ["", f"### MediaPipe ImageClassifier against edgeskin's runtime ({p['mediapipe'][d]['n']} validation images)",
+              "", "MediaPipe is created from `model.tflite` alone (its metadata), as an app creates it.", "",
+              "| bundle | MediaPipe fed | top-1 agreement | max abs score diff | balanced acc. (edgeskin: crop) |",
+              "|---|---|---|---|---|"]
+    for n, m in p["mediapipe"].items():
+        for w, v in m["ways"].items():
+            lines.append(f"| {n} | {w} | {pct(v['top1_agreement_with_edgeskin'])} % | {v['max_abs_score_diff']:.1e} | "
+                         f"{pct(v['balanced_accuracy'])} ({pct(m['edgeskin_balanced_accuracy'])}) |")
+    lines += ["", "Pre-cropped: the app applies edgeskin's resize-shorter-side and centre crop and passes the "
+              "crop. Centre ROI: the full image with the centre square as region of interest (docs/phone.md). "
+              "Whole image: MediaPipe's default, the whole image squeezed to the input size.", "",
+              "### Whole-image resize against edgeskin's centre crop (the bundle's own report)", "",
+              f"`manifest.extra.app_preprocessing` of the default int8 bundle, {app['n']} validation images: top-1 "
+              f"agreement **{pct(app['top1_agreement'])} %**, balanced accuracy {pct(app['balanced_accuracy_centre_crop'])} "
+              f"% with the crop and {pct(app['balanced_accuracy_whole_image'])} % with the whole image (drop "
+              f"**{app['balanced_accuracy_drop_points']:.1f} points**). The bundle emulates MediaPipe's resize "
+              "(bilinear, no antialiasing); the MediaPipe whole-image row above is the real one.", ""]
+    fo = p["fold_normalisation"]
+    lines += ["### Normalisation folded into the first convolution?", "",
+              f"FP32 in torch, {fo['n']} validation images, first convolution {fo['first_conv']}: folding would "
+              f"zero-pad raw pixels instead of the normalised image. Top-1 agreement with the unfolded network "
+              f"{pct(fo['top1_agreement'])} %, largest probability change {fo['max_abs_prob_diff']:.3f} (mean "
+              f"{fo['mean_abs_prob_diff']:.4f}). The bundles keep the explicit normalisation layer (a cast, a "
+              "subtraction and a multiplication on the input), which is exact.", "",
+              "### Latency of model.tflite, LiteRT XNNPACK, batch 1 (medians of one interleaved run, ms)", "",
+              "This host (x86, shared cores) is not a phone: trust the ratios, not the milliseconds.", "",
+              "| threads | int8 default | int8 before | default / before | fp32 default | fp32 before | default / before |",
+              "|---|---|---|---|---|---|---|"]
+    for th, v in p["latency_ms_by_threads"].items():
+        lines.append(f"| {th} | {v['default']['p50_ms']:.2f} | {v['before']['p50_ms']:.2f} | "
+                     f"{p['default_over_before_p50'][th]:.3f} | {v['fp32 default']['p50_ms']:.2f} | "
+                     f"{v['fp32 before']['p50_ms']:.2f} | {p['fp32_default_over_before_p50'][th]:.3f} |")
+    lines += ["", "The default's uint8 input is a quarter of the bytes of the float input the app would otherwise "
+              "fill, and the app no longer normalises; the model adds a cast, a subtraction and a multiplication "
+              "on the input and a softmax on 7 outputs.", ""]
+    return "\n".join(lines)
+
+
 def markdown(r: dict) -> str:
+    if "test" not in r:
+        return "# tflite target\n\n" + phone_markdown(r["phone"]) if "phone" in r else ""
     t, a = r["test"], r["test_top1_agreement_vs_fp32"]
     lines = [
         "# tflite target: LiteRT FP32 / FP16 / INT8 on the reference model",
@@ -137,6 +370,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {th} | {v['fp32']['p50_ms']:.2f} | {v['fp16']['p50_ms']:.2f} | {v['int8']['p50_ms']:.2f} | "
                      f"{r['fp32_over_int8_p50_by_threads'][th]:.2f}x |")
     lines += ["", f"CPU: {r['machine']['processor'] or r['machine']['platform']}, {r['machine']['cpus']} cores.", ""]
+    if "phone" in r:
+        lines += [phone_markdown(r["phone"])]
     return "\n".join(lines)
 
 

@@ -53,14 +53,18 @@ def _train_until_image_dependent(built, ctx, out):
     _, x, y = load_eval_set(ctx["split"].apply(ctx["ds"], "train"), ck.preprocess, ck.labels, what="train")
     torch.manual_seed(0)
     model, _ = build_model("resnet18", 7, pretrained=None)
+    for m in model.modules():  # running statistics that keep up with a few dozen steps
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.5
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long()
-    for step in range(80):
+    keep = np.concatenate([np.flatnonzero(np.asarray(y) == c)[:4] for c in range(7)])  # 4 images a class
+    xt, yt = torch.from_numpy(x[keep]), torch.from_numpy(np.asarray(y)[keep]).long()
+    for step in range(100):
         model.train()
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
-        if step % 10 == 9:
+        if step % 5 == 4:
             model.eval()
             with torch.inference_mode():
                 p = torch.softmax(model(xt), 1)
