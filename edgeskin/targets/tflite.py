@@ -236,27 +236,28 @@ def resize_whole(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def app_preprocessing_check(model: bytes, val: Dataset, pre: Any, codes: tuple[str, ...] | list[str], *,
-                            threads: int | None = None) -> dict[str, Any]:
+                            probabilities: bool = True, threads: int | None = None) -> dict[str, Any]:
     """How much a phone app loses by resizing the whole image (MediaPipe's default without a
     region of interest) instead of edgeskin's resize-shorter-side and centre crop: both ways
     through ``model`` (an NHWC uint8-input model) on the validation images. Top-1 agreement
     between the two, and each way's balanced accuracy."""
     from ..metrics import balanced_accuracy
-    from ..preprocess import center_crop, load_resized, open_image
+    from ..preprocess import center_crop, open_image, resize_shorter
     from ..runtime.backends import LiteRTBackend
     from ..runtime.numerics import softmax
 
     b = LiteRTBackend(model, threads=threads)
     crop, whole, ys = [], [], []
-    for smp in val.samples:
-        crop.append(center_crop(load_resized(smp.path, pre), pre.size))  # RGB uint8
-        whole.append(resize_whole(np.asarray(open_image(smp.path), dtype=np.uint8), pre.size))
+    for smp in val.samples:  # decoded once: edgeskin's crop (load_resized + center_crop) and the whole image
+        img = open_image(smp.path)
+        crop.append(center_crop(np.asarray(resize_shorter(img, pre.resize_size, pre.interpolation), np.uint8),
+                                pre.size))
+        whole.append(resize_whole(np.asarray(img, dtype=np.uint8), pre.size))
         ys.append(list(codes).index(smp.dx))
 
     def probs(images: list[np.ndarray]) -> np.ndarray:
         y = b.run(np.stack(images).astype(np.float32)) if images else np.zeros((0, len(codes)), np.float32)
-        y = np.asarray(y, np.float64)
-        return y if np.allclose(y.sum(1), 1, atol=1e-3) and (y >= 0).all() else softmax(y)
+        return np.asarray(y, np.float64) if probabilities else softmax(np.asarray(y, np.float64))
 
     pc, pw, y = probs(crop), probs(whole), np.asarray(ys)
     n = len(y)
@@ -416,7 +417,8 @@ class TfliteTarget(Target):
         extra: dict[str, Any] = {}
         if layout == "NHWC" and input_type == "uint8":
             reporter.message("measuring whole-image resize against the centre crop on the validation split")
-            extra["app_preprocessing"] = app_preprocessing_check(data, val, pre, labels.codes, threads=threads)
+            extra["app_preprocessing"] = app_preprocessing_check(data, val, pre, labels.codes, threads=threads,
+                                                                 probabilities=output_kind == "probabilities")
         manifest = base_manifest(
             name=Path(out).name.removesuffix(".edgeskin"), target=self.name, precision=precision,
             engine={"name": "litert", "format": "tflite", "delegates": profile.extra.get("delegates", ["xnnpack"]),
