@@ -269,7 +269,7 @@ def _version(dist: str) -> str:
 
 
 def phone_markdown(p: dict) -> str:
-    d, b = "int8 uint8-in/probs-out (default)", "int8 float-in/logits-out (before)"
+    d = "int8 uint8-in/probs-out (default)"
     f = p["forms"]
     app = f[d]["app_preprocessing"]
     lines = [

@@ -131,7 +131,7 @@ def write_metadata(model: bytes, *, labels: Sequence[str], name: str, descriptio
     (the app applies ``(pixel - mean255) / std255`` per channel, and quantizes with the tensor's
     own parameters when the tensor is integer). ``output_kind``: ``probabilities`` or ``logits``.
     """
-    mw, info, _ = _writer_modules()
+    mw, _, _ = _writer_modules()
     model = _inline_buffers(model)
     w = mw.MetadataWriter.create(bytearray(model))
     w.add_general_info(name, description)
