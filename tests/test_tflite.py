@@ -367,8 +367,14 @@ def test_unknown_input_type_or_output_kind_is_refused_before_compiling(trained, 
             phone.compile(trained, precision="fp32", dataset=ctx["ds"], split=ctx["split"], out=tmp_path / "x", **kw)
         assert hint in e.value.hint
     assert not (tmp_path / "x").exists()
-    kw = compile_kwargs(phone, "phone", {"input_type": "NORMALIZED", "output_kind": "logits"})
+    kw = compile_kwargs(phone, "phone", {"input_type": "normalized", "output_kind": "logits"})
     assert (kw["input_type"], kw["output_kind"]) == ("normalized", "logits")
+    with pytest.raises(ConfigError, match="'uint8', 'normalized'"):  # refused before a recipe or command runs
+        compile_kwargs(phone, "phone", {"input_type": "int8"})
+    from edgeskin.targets.options import _types
+    from edgeskin.targets.tflite import INPUT_TYPES, OUTPUT_KINDS
+
+    assert (_types()["input_type"].choices, _types()["output_kind"].choices) == (INPUT_TYPES, OUTPUT_KINDS)
     assert (OPTIONS["input_type"][0], OPTIONS["output_kind"][0]) == ("uint8", "probabilities")
     assert set(HELP) >= {"input_type", "output_kind"}
     with pytest.raises(ConfigError, match="does not apply"):

@@ -45,7 +45,8 @@ def _types() -> dict[str, Any]:
         "preset": text, "ignore": ListOf(text), "head_float": Bool(), "range_estimator": text,
         "max_drop_int8": Num(0, 100), "float_fallback": Num(0, 1), "fallback_max_layers": Int(0, 10_000),
         "control_metric": text, "opset": Int(7, 30), "jetpack": AnyOf((text, Num(0, 100))), "layout": text,
-        "int8_adds": Bool(), "observer": text, "input_type": text, "output_kind": text,
+        "int8_adds": Bool(), "observer": text, "input_type": Str(("uint8", "normalized")),
+        "output_kind": Str(("probabilities", "logits")),
     }
 
 
@@ -86,7 +87,7 @@ def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: s
     if target.name == "tflite":
         kw: dict[str, Any] = {"layout": str(val["layout"]).upper(), "int8_adds": bool(val["int8_adds"]),
                               "observer": val["observer"], "first_conv_float": bool(val["first_conv_float"]),
-                              "input_type": str(val["input_type"]).lower(), "output_kind": str(val["output_kind"]).lower(),
+                              "input_type": val["input_type"], "output_kind": val["output_kind"],
                               "device": device}
         kw["subset_size"] = int(val["subset_size"])
         return kw
@@ -131,14 +132,9 @@ HELP: dict[str, str] = {
     "int8_adds": "Quantize the residual additions too (all-integer graph for NPU delegates).",
     "observer": "Activation ranges for int8: mean_minmax (moving average of each image's min/max; the default) | "
                 "histogram (litert's default) | minmax.",
-}
-
-
-#: one line of help per option (new options first; the CLI builds its flags from this)
-HELP: dict[str, str] = {
-    "input_type": "tflite model input: uint8 (RGB pixels 0-255, normalised inside the model; what MediaPipe "
-                  "and phone apps feed) or normalized (the normalised tensor: float32, or int8 with the model's "
-                  "own scale/zero point when the first convolution is quantized; for custom pipelines)",
-    "output_kind": "tflite model output: probabilities (float32, softmax inside the model; MediaPipe's scores) "
-                   "or logits (the app applies softmax)",
+    "input_type": "What the phone model takes: uint8 (RGB pixels 0-255, normalised inside the model; what MediaPipe "
+                  "and apps feed; the default) | normalized (the normalised tensor: float32, or int8 with the "
+                  "model's own scale/zero point when the first convolution is quantized; custom pipelines).",
+    "output_kind": "What the phone model gives: probabilities (float32, softmax inside the model; the default) | "
+                   "logits (the app applies softmax).",
 }
