@@ -100,16 +100,18 @@ def test_tiny_recipe_interrupted_resumes_then_skips_everything(recipe_dir):
     out = recipe_dir / "out"
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     env.pop("EDGESKIN_DATA", None)
-    # 1. start the run and interrupt it (Ctrl-C) once the student is distilled
+    # 1. start the run and interrupt it (Ctrl-C) while the student is being distilled (torch code: a
+    #    signal landing inside a native extension's import, e.g. onnx's in the compile stage, aborts
+    #    the process instead of raising KeyboardInterrupt, which would make this test a coin toss)
     log = recipe_dir / "first-run.log"
     with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the child
         proc = subprocess.Popen([sys.executable, "-m", "edgeskin", "run", str(recipe_dir / "tiny.toml")], cwd=REPO,
                                 env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            if _state(out).get("student", {}).get("status") == "done":
+            if _state(out).get("student", {}).get("status") == "running":
                 break
-            time.sleep(0.2)
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be interrupted:\n" + log.read_text()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
@@ -117,18 +119,20 @@ def test_tiny_recipe_interrupted_resumes_then_skips_everything(recipe_dir):
     assert proc.returncode == 130, first_out
     assert "interrupted" in first_out
     st = _state(out)
-    assert st["ensemble"]["status"] == "done" and st["student"]["status"] == "done"
+    assert st["ensemble"]["status"] == "done" and st["student"]["status"] in ("running", "done")
     assert st.get("bench", {}).get("status") != "done"
-    student_mtime = (out / "student" / "student.pt").stat().st_mtime_ns
+    student_was = "ran" if st["student"]["status"] == "running" else "skipped"
 
-    # 2. the same command resumes: finished stages are skipped, the rest runs to the end
+    # 2. the same command resumes: finished stages are skipped, the interrupted one resumes, the rest runs
     r = run_cli("run", str(recipe_dir / "tiny.toml"), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     stages = {s["name"]: s["status"] for s in _run_json(out)["stages"]}
-    assert stages["split"] == stages["ensemble"] == stages["student"] == "skipped"
+    assert stages["split"] == stages["ensemble"] == "skipped" and stages["student"] == student_was
+    if student_was == "ran":
+        assert "student: resuming (interrupted before)" in r.stderr + r.stdout
     assert stages["bench"] == "ran"
     assert all(stages[f"compile:{n}"] in ("ran", "skipped") for n in ("cpu-int8", "jetson-int8", "tflite-int8"))
-    assert (out / "student" / "student.pt").stat().st_mtime_ns == student_mtime
+    student_mtime = (out / "student" / "student.pt").stat().st_mtime_ns
     for n in ("cpu-int8", "jetson-int8", "tflite-int8"):
         assert (out / "bundles" / f"{n}.edgeskin" / "manifest.json").is_file()
     rep = json.loads((out / "bench" / "report.json").read_text())
@@ -146,6 +150,7 @@ def test_tiny_recipe_interrupted_resumes_then_skips_everything(recipe_dir):
     r = run_cli("run", str(recipe_dir / "tiny.toml"), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert {s["status"] for s in _run_json(out)["stages"]} == {"skipped"}
+    assert (out / "student" / "student.pt").stat().st_mtime_ns == student_mtime
     assert time.time() - t0 < 60
 
 
@@ -286,10 +291,16 @@ def test_compile_options_map_to_each_target_the_same_way_for_cli_and_recipes():
 
     phone = compile_kwargs(get_target("android"), "android", {"first_conv_float": True})
     assert phone == {"layout": "NHWC", "int8_adds": False, "observer": "mean_minmax", "first_conv_float": True,
-                     "device": "android-arm64", "subset_size": 512}
+                     "device": "android-arm64", "subset_size": 512, "input_type": "uint8",
+                     "output_kind": "probabilities"}
     trt = describe(compile_kwargs(get_target("jetson"), "jetson", {"jetpack": "5.1", "ignore": ["/fc/Gemm"]}))
     assert trt["jetpack"] == "5.1" and trt["quantize"]["ignored"] == ["/fc/Gemm"] and trt["quantize"]["subset_size"] == 512
     with pytest.raises(ConfigError, match="did you mean 'subset_size'"):
         compile_kwargs(get_target("cpu"), "cpu", {"subsetsize": 64})
     with pytest.raises(ConfigError, match="'jetpack' does not apply to target 'tflite'"):
         compile_kwargs(get_target("tflite"), "tflite", {"jetpack": "6.1"})
+    # the command line's compile flags are made from the same table: every option, with its help
+    from edgeskin.settings import compile_settings
+    from edgeskin.targets.options import HELP, OPTIONS
+
+    assert {s.name for s in compile_settings()} == set(OPTIONS) == set(HELP)
