@@ -359,3 +359,7 @@ def test_a_forced_bundle_shows_forced_and_refuse_forced_exits_5(built, ref_file,
     assert "FORCED" in r.stdout and "| cpu/int8 [member0] | FORCED |" in (tmp_path / "a" / "report.md").read_text()
     r = run_cli(*args, "--out", str(tmp_path / "b"), "--refuse-forced")
     assert r.returncode == 5 and "compile budget" in r.stderr
+    r = run_cli("bundle", "show", str(forced))  # the manifest on stdout, what to know first on stderr
+    assert r.returncode == 0 and '"forced": true' in r.stdout and "FORCED" in r.stderr and "refuse" in r.stderr
+    r = run_cli("bundle", "show", str(built.int8))
+    assert r.returncode == 0 and "within budget" in r.stderr and "FORCED" not in r.stderr

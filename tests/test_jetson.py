@@ -898,7 +898,7 @@ DEVICE_MODULES = (
     "edgeskin", "edgeskin.__main__", "edgeskin.errors", "edgeskin.labels", "edgeskin.preprocess",
     "edgeskin.bundle", "edgeskin.fileio", "edgeskin.profiles", "edgeskin.progress", "edgeskin.cli",
     *(f"edgeskin.cli.{m}" for m in CLI_MODULES), "edgeskin.settings", "edgeskin.validate", "edgeskin.budget",
-    "edgeskin.targets", "edgeskin.targets.options",
+    "edgeskin.targets", "edgeskin.targets.options", "edgeskin.targets.phone",
     "edgeskin.cli_data", "edgeskin.runtime", "edgeskin.runtime.backends", "edgeskin.runtime.predictor",
     "edgeskin.runtime.tensorrt", "edgeskin.runtime.numerics", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
     "edgeskin.bench.runner", "edgeskin.bench.report", "edgeskin.bench.reference", "edgeskin.bench.stats",

@@ -10,13 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import (
-    app,
-    bundle_app,
-    engine_app,
-    err,
-    out,
-)
+from .common import app, bundle_app, engine_app, err, escape_markup, out
 
 
 @bundle_app.command("verify")
@@ -73,10 +67,27 @@ def bundle_pack(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
 @bundle_app.command("show")
 def bundle_show(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")) -> None:
-    """Print a bundle's manifest."""
+    """Print a bundle's manifest (JSON, on stdout), then what a user must know first (on stderr):
+    whether it met its compile budget or was FORCED past it, the licence of the data it was
+    trained on, and, for phone bundles, how an app must feed it."""
     from ..bundle import BundleReader
+    from ..targets.phone import preprocessing_advice
 
-    out.print_json(json.dumps(BundleReader(bundle).manifest.to_dict()))
+    m = BundleReader(bundle).manifest
+    out.print_json(json.dumps(m.to_dict()))
+    acc = m.accuracy or {}
+    if acc.get("forced"):
+        err.print(f"[bold yellow]FORCED[/bold yellow]: written past its compile budget "
+                  f"({escape_markup('; '.join(acc.get('failures') or []))}); `edgeskin bench --refuse-forced` refuses it")
+    elif "passed" in acc:
+        err.print(f"[green]within budget[/green]: top-1 agreement with FP32 {100 * acc.get('top1_agreement', 0):.1f} % "
+                  f"on {acc.get('n', '?')} validation images")
+    lic = (m.provenance or {}).get("data_licence")
+    if lic:
+        err.print(f"data licence ({lic.get('spdx')}): {escape_markup(str(lic.get('notice')))}")
+    advice = preprocessing_advice(m)
+    if advice:
+        err.print("[bold]app preprocessing[/bold]\n" + escape_markup(advice))
 
 
 @app.command()
