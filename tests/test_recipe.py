@@ -132,6 +132,12 @@ def test_tiny_recipe_interrupted_resumes_then_skips_everything(recipe_dir):
         assert "student: resuming (interrupted before)" in r.stderr + r.stdout
     assert stages["bench"] == "ran"
     assert all(stages[f"compile:{n}"] in ("ran", "skipped") for n in ("cpu-int8", "jetson-int8", "tflite-int8"))
+    # the stage table says of every bundle whether it met its budget or was written FORCED past it
+    details = {s["name"]: s["detail"] for s in _run_json(out)["stages"]}
+    for n in ("cpu-int8", "jetson-int8", "tflite-int8"):
+        forced = json.loads((out / "bundles" / f"{n}.edgeskin" / "manifest.json").read_text())["accuracy"]["forced"]
+        assert ("FORCED past its budget" in details[f"compile:{n}"]) == forced, details
+        assert forced or "within budget" in details[f"compile:{n}"]
     student_mtime = (out / "student" / "student.pt").stat().st_mtime_ns
     for n in ("cpu-int8", "jetson-int8", "tflite-int8"):
         assert (out / "bundles" / f"{n}.edgeskin" / "manifest.json").is_file()

@@ -45,7 +45,7 @@ def run_recipe(
               "planned": "yellow"}
     for o in res.stages:
         t.add_row(o.name, f"[{colour.get(o.status, 'white')}]{o.status}[/]", f"{o.seconds:.0f}" if o.seconds else "",
-                  escape_markup(o.detail))
+                  escape_markup(o.detail).replace("FORCED", "[bold yellow]FORCED[/bold yellow]"))
     out.print(t)
     if dry_run:
         return

@@ -122,7 +122,8 @@ def _run(
         rec = state.get(name)
         same = rec.get("key") == key
         if same and rec.get("status") == "done" and st.produced(ctx, out) and name not in redo:
-            outcomes.append(StageOutcome(name, "up to date" if dry_run else "skipped", detail="inputs unchanged"))
+            detail = st.note(ctx, out) if st.note is not None else "inputs unchanged"
+            outcomes.append(StageOutcome(name, "up to date" if dry_run else "skipped", detail=detail))
             say(f"{step}: up to date, skipped")
         elif same and rec.get("status") == "failed" and name not in redo:
             ctx.results[name] = rec.get("error", "failed")
@@ -143,7 +144,7 @@ def _run(
             state.set(name, key=key, status="running", started=time.time())
             t0 = time.perf_counter()
             try:
-                st.run(ctx, out)
+                detail = st.run(ctx, out) or ""
             except EdgeskinError as exc:
                 if not st.may_fail:
                     raise  # the stage stays "running": fix the cause and run again to resume
@@ -156,7 +157,7 @@ def _run(
             else:
                 secs = time.perf_counter() - t0
                 state.set(name, key=key, status="done", seconds=round(secs, 1), finished=time.time())
-                outcomes.append(StageOutcome(name, "ran", secs))
+                outcomes.append(StageOutcome(name, "ran", secs, detail))
                 say(f"{step}: done in {secs:.0f} s")
         if st.fingerprint is not None:
             ctx.fp[name] = st.fingerprint(ctx, out)

@@ -56,17 +56,20 @@ class Stage:
     digest. ``run``: does the work into ``output``. ``fingerprint``: what later stages see of its
     output (None: nothing reads it). ``produced``: its output is there (loaded models always are).
     ``after``: called once the stage is done or skipped as up to date (not in a dry run).
-    ``may_fail``: a failure is recorded and the run goes on (a compile that misses its budget)."""
+    ``may_fail``: a failure is recorded and the run goes on (a compile that misses its budget).
+    ``note``: a line on an output that is up to date and skipped."""
 
     name: str
     deps: tuple[str, ...]
     output: Callable[[Recipe], Path]
     key: Callable[[Context], str]
-    run: Callable[[Context, Path], None]
+    run: Callable[[Context, Path], str | None]
     fingerprint: Callable[[Context, Path], str] | None = None
     produced: Callable[[Context, Path], bool] = lambda ctx, out: out.exists()
     after: Callable[[Context, Path], None] | None = None
     may_fail: bool = False
+    #: what the stage table says of an up-to-date output (e.g. a bundle written FORCED)
+    note: Callable[[Context, Path], str] | None = None
 
 
 # ----------------------------------------------------------------------------- split
@@ -244,7 +247,7 @@ def _compile_stage(t: dict[str, Any]) -> Stage:
                        "calibration": ctx.fp.get("calibration") if t["precision"] == "int8" else None,
                        "target": t, "options": resolved, "budget": ctx.recipe.compile_budget, "edgeskin": __version__})
 
-    def run(ctx: Context, out: Path) -> None:
+    def run(ctx: Context, out: Path) -> str:
         from ..calibration import read_calibration_set
         from ..targets import get_target
         from ..targets.options import compile_kwargs
@@ -261,13 +264,21 @@ def _compile_stage(t: dict[str, Any]) -> Stage:
         ctx.say(f"{t['name']}: agreement with FP32 on val {100 * c['top1_agreement']:.1f}%, top-1 drop "
                 f"{c['drops_points']['top1']:.2f}, balanced drop {c['drops_points']['balanced']:.2f} points"
                 + (" (FORCED past its budget: on_miss = keep)" if res.forced else ""))
+        return ("FORCED past its budget: " + "; ".join(c["failures"])) if res.forced else "within budget"
 
     def fingerprint(ctx: Context, out: Path) -> str:
         manifest = out / "manifest.json"
         return sha256_file(manifest) if manifest.is_file() else f"failed:{ctx.keys[name]}"
 
+    def note(ctx: Context, out: Path) -> str:
+        import json
+
+        acc = json.loads((out / "manifest.json").read_text()).get("accuracy", {})
+        return ("FORCED past its budget: " + "; ".join(acc.get("failures", []))) if acc.get("forced") else \
+            "inputs unchanged; within budget"
+
     return Stage(name, ("split", "student", "calibration"), lambda r: r.out / "bundles" / f"{t['name']}.edgeskin",
-                 key, run, fingerprint, may_fail=True)
+                 key, run, fingerprint, may_fail=True, note=note)
 
 
 # ----------------------------------------------------------------------------- bench
