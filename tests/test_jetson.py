@@ -903,7 +903,7 @@ DEVICE_MODULES = (
     "edgeskin.runtime.tensorrt", "edgeskin.runtime.numerics", "edgeskin.bench", "edgeskin.bench.worker", "edgeskin.bench.latency",
     "edgeskin.bench.runner", "edgeskin.bench.report", "edgeskin.bench.reference", "edgeskin.bench.stats",
     "edgeskin.metrics", "edgeskin.data", "edgeskin.data.readers", "edgeskin.data.split", "edgeskin.data.cache",
-    "edgeskin.data.fetch", "edgeskin.quiet",
+    "edgeskin.data.fetch", "edgeskin.data.licence", "edgeskin.quiet",
 )
 #: the modules whose annotations run at import or call time (typer reads the command functions')
 EVAL_ANNOTATIONS = (*(f"edgeskin/cli/{m}.py" for m in CLI_MODULES if m != "tables"), "edgeskin/cli_data.py")
