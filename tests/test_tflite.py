@@ -434,7 +434,8 @@ def test_first_conv_float_keeps_the_normalisation_and_the_stem_in_float(built, c
     dtype = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
     ops = it._get_ops_details()
     first_conv = next(o for o in ops if o["op_name"] == "CONV_2D")
-    assert [o["op_name"] for o in ops[:3]] == ["CAST", "SUB", "MUL"]  # the explicit normalisation, in float
+    # the explicit normalisation, in float: one multiply-add over each NHWC image row
+    assert [o["op_name"] for o in ops[:5]] == ["CAST", "RESHAPE", "MUL", "ADD", "RESHAPE"]
     assert dtype[first_conv["inputs"][0]] == np.float32 and dtype[first_conv["inputs"][1]] == np.float32
     with load(res.bundle) as pred:
         assert pred.backend.input_quant == (1.0, 0) and selftest(pred).passed
