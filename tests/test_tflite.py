@@ -434,8 +434,40 @@ def test_first_conv_float_keeps_the_normalisation_and_the_stem_in_float(built, c
     dtype = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
     ops = it._get_ops_details()
     first_conv = next(o for o in ops if o["op_name"] == "CONV_2D")
-    # the explicit normalisation, in float: one multiply-add over each NHWC image row
-    assert [o["op_name"] for o in ops[:5]] == ["CAST", "RESHAPE", "MUL", "ADD", "RESHAPE"]
+    # the explicit normalisation, in float: one add of -mean over each NHWC image row (1/std went into
+    # the first convolution's weights, exactly: see phone_io_module)
+    assert [o["op_name"] for o in ops[:4]] == ["CAST", "RESHAPE", "ADD", "RESHAPE"]
     assert dtype[first_conv["inputs"][0]] == np.float32 and dtype[first_conv["inputs"][1]] == np.float32
     with load(res.bundle) as pred:
         assert pred.backend.input_quant == (1.0, 0) and selftest(pred).passed
+
+
+def test_the_phone_input_folds_1_over_std_into_the_first_convolution_exactly():
+    """x * k + b = k * (x + b / k): the folded model matches the normalise-then-convolve one to float
+    rounding, borders included, and a network whose first operation is not that convolution keeps
+    the explicit multiply-add."""
+    import torch
+    import torchvision
+
+    from edgeskin.targets.tflite import phone_io_module
+
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    net = torchvision.models.resnet18(num_classes=7).eval()
+    kw = dict(mean255=mean, std255=std, bgr=False, output_kind="logits", layout="NHWC", size=32)
+    folded = phone_io_module(net, input_type="uint8", **kw)
+    assert not folded.scaled  # only the add is left on the input
+    x = torch.randint(0, 256, (2, 32, 32, 3), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    normalised = ((x.float() - torch.tensor(mean)) / torch.tensor(std)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert float((folded(x) - net(normalised)).abs().max()) < 1e-4
+
+    class ShiftFirst(torch.nn.Module):  # its first conv is not the first thing done to the input
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.conv(t * t).mean((2, 3))
+
+    kept = phone_io_module(ShiftFirst().eval(), input_type="uint8", **kw)
+    assert kept.scaled
