@@ -15,9 +15,9 @@ What the model takes and gives (every precision):
 
 - ``input_type="uint8"`` (default): RGB pixels 0-255 as uint8, what MediaPipe's
   ``ImageClassifier`` and phone apps feed. The model casts them to float and normalises them
-  per channel in an explicit multiply-add before the first convolution (folding the
-  normalisation into that convolution would change its zero-padded borders; see
-  benchmarks/tflite_target.py for the measured effect). ``normalized``: the normalised tensor,
+  per channel before the first convolution: an explicit add of -mean, with the 1/std factor in
+  that convolution's weights (exact; folding the whole normalisation into the convolution would
+  change its zero-padded borders: benchmarks/tflite_target.py measures the effect). ``normalized``: the normalised tensor,
   float32, or int8 with the model's own scale/zero point for an int8 model whose first
   convolution is quantized (custom pipelines; MediaPipe refuses both).
 - ``output_kind="probabilities"`` (default): float32 probabilities, softmax inside the model.
