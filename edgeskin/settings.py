@@ -122,9 +122,13 @@ def command_options(*groups: Iterable[Setting], into: str = "settings") -> Calla
                 v = values.get(s.name)
                 allowed = s.allowed() if v is not None and s.choices and s.spec is None else None
                 if allowed and v not in allowed:
+                    import difflib
+
                     flag = (s.flags or (f"--{s.name.replace('_', '-')}",))[0].split("/")[0]
-                    raise ConfigError(f"{flag} {v!r} is not one of: {', '.join(allowed)}",
-                                      f"e.g. {flag} {s.default or allowed[0]}")
+                    close = difflib.get_close_matches(str(v), list(allowed), n=1)
+                    raise ConfigError(f"{flag} {v!r} is not one of: {', '.join(allowed)}"
+                                      + (f"; did you mean {close[0]!r}?" if close else ""),
+                                      f"e.g. {flag} {close[0] if close else s.default or allowed[0]}")
             return fn(*args, **kw, **{into: values})
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
