@@ -23,18 +23,18 @@ def _sections() -> dict[str, set[str]]:
 def _tables() -> tuple[dict[str, frozenset[str]], dict[str, dict[str, Any]]]:
     from .. import settings as S
     from ..targets.options import OPTIONS as COMPILE_OPTIONS
-    from ..validate import Int, ListOf, Num, Str, choices
+    from ..validate import Bool, Int, ListOf, Num, Str, choices
 
     text = Str()
     points = Num(-100, 100)
     specs: dict[str, dict[str, Any]] = {
         "": {"name": text, "description": Str(), "out": text},
-        "data": {"path": text, "images": ListOf(text), "skip_bad": S.Setting("skip_bad", bool, False, "").check_spec()},
+        "data": {"path": text, "images": ListOf(text), "skip_bad": Bool()},
         "split": {"file": text, "seed": Int(0, 2**63 - 1), "fractions": ListOf(Num(0, 1), 3)},
         "ensemble": {**S.recipe_specs(S.training(), S.ensemble()), "load": text},
         "student": {**S.recipe_specs(S.training(), S.student()), "load": text},
         "calibration": {"file": text, "size": Int(1, 10**6), "seed": Int(0, 2**63 - 1),
-                        "force": S.Setting("force", bool, False, "").check_spec()},
+                        "force": Bool()},
         "budgets.compile": {"top1": points, "balanced": points, "mel_recall": points, "min_agreement": Num(0, 1),
                             "on_miss": choices(("fail", "keep"))},
         "budgets.bench": {"top1": points, "balanced": points, "mel_recall": points,

@@ -338,12 +338,15 @@ def _run_bench(ctx: Context, out: Path) -> None:
     finally:
         exports.cleanup()
     write_reports(report, out)
+    ctx.report = report
 
 
 def _load_report(ctx: Context, out: Path) -> None:
-    from ..bench.report import load_report
+    """The report of a bench skipped as up to date (one that just ran left its report in ``ctx``)."""
+    if ctx.report is None:
+        from ..bench.report import load_report
 
-    ctx.report = load_report(out / "report.json")
+        ctx.report = load_report(out / "report.json")
 
 
 # ----------------------------------------------------------------------------- the table
