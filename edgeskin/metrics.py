@@ -164,3 +164,116 @@ def best_member(val_balanced_accuracy: Mapping[str, float]) -> str:
     if not val_balanced_accuracy:
         raise ValueError("no members to choose from")
     return max(val_balanced_accuracy, key=lambda name: (val_balanced_accuracy[name], -list(val_balanced_accuracy).index(name)))
+
+
+# ----------------------------------------------------------------------------- compile-check uncertainty
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (fractions); it stays inside
+    [0, 1] and is sound near 0 and 1, where the normal-approximation interval is not. ``n == 0``:
+    (nan, nan)."""
+    from statistics import NormalDist
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges, not 1e-17 off
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_drops(
+    reference: np.ndarray,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    positive: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float] | None]:
+    """How far ``probs`` falls below ``reference`` in top-1, balanced accuracy and the recall of class
+    ``positive`` (melanoma), in percentage points (positive: worse), with a paired bootstrap
+    percentile interval: each of ``n_boot`` rounds draws n image indices with replacement and scores
+    both models on the same draw. Vectorised, numpy only. The point estimates equal
+    :func:`drops_points` on the two :func:`classification_report` results. ``mel_recall`` is None
+    without a positive class; rounds that draw no positive image are left out of its interval."""
+    r, y = _check(reference, labels)
+    p, _ = _check(probs, labels)
+    if r.shape != p.shape:
+        raise ValueError(f"reference and probs must have one shape, got {r.shape} and {p.shape}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    n, k = r.shape
+    keys = ("top1", "balanced") + (("mel_recall",) if positive is not None else ())
+    out: dict[str, dict[str, float] | None] = {"mel_recall": None}
+    if n == 0:
+        out.update({key: {"point": float("nan"), "low": float("nan"), "high": float("nan")} for key in keys})
+        return out
+    right = np.stack([ranking(r)[:, 0] == y, ranking(p)[:, 0] == y]).astype(np.float64)  # (2, n)
+
+    def scores(idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Drops (points) for each row of image indices ``idx`` (b, n)."""
+        b = idx.shape[0]
+        flat = (np.arange(b)[:, None] * k + y[idx]).ravel()
+        support = np.bincount(flat, minlength=b * k).reshape(b, k).astype(np.float64)
+        present = support > 0
+        res = {"top1": 100 * (right[0][idx].mean(1) - right[1][idx].mean(1))}
+        recall = []
+        for m in range(2):
+            hits = np.bincount(flat, weights=right[m][idx].ravel(), minlength=b * k).reshape(b, k)
+            recall.append(np.divide(hits, support, out=np.full((b, k), np.nan), where=present))
+        res["balanced"] = 100 * (np.where(present, recall[0] - recall[1], 0.0).sum(1) / present.sum(1))
+        if positive is not None:
+            res["mel_recall"] = 100 * (recall[0][:, positive] - recall[1][:, positive])
+        return res
+
+    point = scores(np.arange(n)[None, :])
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    chunk = max(1, 2_000_000 // n)  # bounds the (chunk, n) index matrix to ~16 MB
+    for start in range(0, n_boot, chunk):
+        part = scores(rng.integers(0, n, (min(chunk, n_boot - start), n)))
+        for key in keys:
+            draws[key].append(part[key])
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    for key in keys:
+        d = np.concatenate(draws[key])
+        d = d[~np.isnan(d)]
+        lo, hi = np.percentile(d, q) if len(d) else (np.nan, np.nan)
+        out[key] = {"point": float(point[key][0]), "low": float(lo), "high": float(hi)}
+    return out
+
+
+def budget_steps(labels: np.ndarray, codes: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """How far one flipped image moves each budgeted drop on this split, in points: top-1
+    100/n; balanced accuracy (the mean recall over the classes present) 100/(K * the smallest
+    class's count), for an image of that class; melanoma recall (``mel``, or ``malignant`` in the
+    binary label set) 100/n_mel. ``images``: the images that step is counted on; ``mel_recall``
+    is None without a positive class in ``codes``, and has ``step_points`` None when the split
+    holds no image of it."""
+    y = np.asarray(labels, dtype=np.int64)
+    codes = list(codes)
+    counts = np.bincount(y, minlength=len(codes)) if len(y) else np.zeros(len(codes), dtype=np.int64)
+    n = int(len(y))
+    out: dict[str, dict[str, Any] | None] = {
+        "top1": {"step_points": 100.0 / n if n else None, "images": n},
+        "balanced": None, "mel_recall": None}
+    present = np.flatnonzero(counts)
+    if len(present):
+        smallest = int(present[np.argmin(counts[present])])
+        out["balanced"] = {"step_points": 100.0 / (len(present) * counts[smallest]),
+                           "images": int(counts[smallest]), "class": codes[smallest], "classes": int(len(present))}
+    pos = "mel" if "mel" in codes else ("malignant" if "malignant" in codes else None)
+    if pos is not None:
+        c = int(counts[codes.index(pos)])
+        out["mel_recall"] = {"step_points": 100.0 / c if c else None, "images": c, "class": pos}
+    return out

@@ -11,12 +11,16 @@ import pytest
 from edgeskin.metrics import (
     balanced_accuracy,
     binary_sensitivity_specificity,
+    budget_steps,
     classification_report,
     confusion_matrix,
+    drops_points,
     expected_calibration_error,
+    paired_bootstrap_drops,
     per_class,
     ranking,
     topk_accuracy,
+    wilson_interval,
 )
 
 HAM = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -260,3 +264,87 @@ def test_classification_report_binary() -> None:
 def test_classification_report_rejects_wrong_class_count() -> None:
     with pytest.raises(ValueError):
         classification_report(np.full((2, 3), 1 / 3), np.array([0, 1]), HAM)
+
+
+# --------------------------------------------------------------------------- compile-check intervals
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(95, 100)
+    assert (lo, hi) == (pytest.approx(0.8883, abs=5e-4), pytest.approx(0.9785, abs=5e-4))
+    # at the edges it stays in [0, 1] and is not empty (the normal approximation gives [1, 1] here)
+    assert wilson_interval(10, 10) == (pytest.approx(10 / 13.8415, abs=1e-3), 1.0)
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(3.8415 / 13.8415, abs=1e-3))
+    lo99, hi99 = wilson_interval(95, 100, level=0.99)
+    assert lo99 < lo and hi99 > hi
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def _pair(n: int, right: int, lost: int, gained: int, num_classes: int = 7) -> tuple[np.ndarray, ...]:
+    """Labels, a reference right on the first ``right`` images, and a model that turns ``lost`` of
+    those wrong and ``gained`` of the others right."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, num_classes, n)
+    wrong = (y + 1) % num_classes
+    ref_pred = np.where(np.arange(n) < right, y, wrong)
+    new_pred = ref_pred.copy()
+    new_pred[:lost] = wrong[:lost]
+    new_pred[right:right + gained] = y[right:right + gained]
+    return y, _probs_for(list(ref_pred), num_classes), _probs_for(list(new_pred), num_classes)
+
+
+def test_paired_bootstrap_interval_includes_zero_when_flips_cancel() -> None:
+    y, ref, new = _pair(400, right=300, lost=5, gained=5)
+    d = paired_bootstrap_drops(ref, new, y, positive=IDX["mel"])
+    assert d["top1"]["point"] == 0.0
+    assert d["top1"]["low"] < 0 < d["top1"]["high"]
+    assert d["balanced"]["low"] < 0 < d["balanced"]["high"]
+    assert d["mel_recall"] is not None and d["mel_recall"]["low"] <= d["mel_recall"]["point"] <= d["mel_recall"]["high"]
+
+
+def test_paired_bootstrap_interval_excludes_zero_for_a_consistent_loss() -> None:
+    # 30 of 400 images lost and none gained: 7.5 points, never 0 in a resample of this size
+    y, ref, new = _pair(400, right=300, lost=30, gained=0)
+    d = paired_bootstrap_drops(ref, new, y, positive=IDX["mel"])
+    assert d["top1"]["point"] == pytest.approx(7.5)
+    assert 0 < d["top1"]["low"] < 7.5 < d["top1"]["high"] < 15
+    assert d["balanced"]["low"] > 0
+    # paired: the same 30 losses on top of a different base accuracy give the same interval
+    y2, ref2, new2 = _pair(400, right=200, lost=30, gained=0)
+    assert paired_bootstrap_drops(ref2, new2, y2)["top1"]["high"] < 15
+
+
+def test_paired_bootstrap_matches_drops_points_and_a_plain_loop() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 7, 120)
+    y[y == 3], y[:2] = 2, 3  # a class of two images: many resamples miss it, and balanced accuracy skips it there
+    ref = rng.dirichlet(np.ones(7), 120)
+    new = np.abs(ref + rng.normal(0, 0.05, ref.shape))
+    d = paired_bootstrap_drops(ref, new, y, positive=IDX["mel"], n_boot=200, seed=3)
+    points = drops_points(classification_report(ref, y, HAM), classification_report(new, y, HAM))
+    assert {k: d[k]["point"] for k in points} == pytest.approx(points)
+    # the vectorised rounds are the rounds of the obvious loop, same generator, same draws
+    gen = np.random.default_rng(3)
+    loop = []
+    for _ in range(200):
+        i = gen.integers(0, 120, 120)
+        loop.append(100 * (balanced_accuracy(ranking(ref[i])[:, 0], y[i], 7)
+                           - balanced_accuracy(ranking(new[i])[:, 0], y[i], 7)))
+    assert [d["balanced"]["low"], d["balanced"]["high"]] == pytest.approx(np.percentile(loop, [2.5, 97.5]))
+    assert d == paired_bootstrap_drops(ref, new, y, positive=IDX["mel"], n_boot=200, seed=3)  # a fixed seed repeats
+    assert paired_bootstrap_drops(ref, new, y, n_boot=200)["mel_recall"] is None
+
+
+def test_budget_steps_one_flipped_image_per_metric() -> None:
+    y = np.repeat(np.arange(7), [24, 40, 97, 9, 83, 119, 12])  # the quick recipe's 384 validation images
+    s = budget_steps(y, HAM)
+    assert s["top1"] == {"step_points": pytest.approx(100 / 384), "images": 384}
+    assert s["balanced"] == {"step_points": pytest.approx(100 / (7 * 9)), "images": 9, "class": "df", "classes": 7}
+    assert s["mel_recall"] == {"step_points": pytest.approx(100 / 83), "images": 83, "class": "mel"}
+    # an absent class does not count towards K, and no melanoma means no step
+    s = budget_steps(np.array([0, 0, 1, 1, 1]), HAM)
+    assert s["balanced"]["step_points"] == pytest.approx(100 / (2 * 2))
+    assert s["mel_recall"] == {"step_points": None, "images": 0, "class": "mel"}
+    assert budget_steps(np.array([0, 1]), ("a", "b"))["mel_recall"] is None
