@@ -19,6 +19,9 @@ METRICS = ("top1", "balanced", "mel_recall")
 #: what `edgeskin compile` and a recipe's compile stage hold a bundle to unless told otherwise
 COMPILE_DEFAULTS: dict[str, float] = {"top1": 0.5, "balanced": 1.5, "mel_recall": 2.0, "min_agreement": 0.97}
 
+#: a budgeted drop worth fewer flipped images than this is decided by a handful of images: warned about
+MIN_IMAGES = 3.0
+
 
 def parse_drops(spec: str | Mapping[str, Any] | None, *, where: str = "--max-drop") -> dict[str, float]:
     """``top1=0.5,balanced=1.5,mel_recall=2`` (or a table of the same) as {metric: points}."""
@@ -117,8 +120,55 @@ class Budget:
                 out.append(f"{k} drop {v:.2f}" + (f" points vs the {vs}" if vs else "") + f" > {limit:g}")
         return out
 
+    def resolution_warnings(self, steps: Mapping[str, Mapping[str, Any] | None],
+                            min_images: float = MIN_IMAGES) -> list[str]:
+        """The budgeted drops a split is too small to judge: where one flipped image moves the metric
+        by more than its budget, or the budget is worth fewer than ``min_images`` flipped images.
+        ``steps``: :func:`edgeskin.metrics.budget_steps` of the split. One line per metric, naming
+        the budget, the step and the images it is counted on."""
+        out = []
+        for k in METRICS:
+            limit, s = getattr(self, k), steps.get(k)
+            if limit is None or s is None:
+                continue
+            step, n = s.get("step_points"), s.get("images", 0)
+            what = {"top1": f"{n} images", "balanced": f"smallest class {s.get('class')}: {n} images",
+                    "mel_recall": f"{n} {s.get('class')} images"}[k]
+            if not step:
+                out.append(f"{k} budget {limit:g} points cannot be checked: {what}")
+            elif step > limit + 1e-9:
+                out.append(f"{k} budget {limit:g} points < one flipped image ({step:.2f} points; {what})")
+            elif limit / step < min_images - 1e-9:
+                out.append(f"{k} budget {limit:g} points = {limit / step:.1f} flipped images "
+                           f"({step:.2f} points each; {what})")
+        return out
+
     def with_(self, **changes: Any) -> "Budget":
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_summary(check: Mapping[str, Any]) -> str:
+    """One line for a compile check record (a manifest's ``accuracy``): top-1 agreement with its
+    95 % Wilson interval and image count, then each drop in points with its paired bootstrap
+    interval. Records written before the intervals existed give what they have."""
+    n = check.get("n", "?")
+    iv = check.get("intervals") or {}
+    ag = check.get("top1_agreement")
+    parts = []
+    if ag is not None:
+        lo_hi = iv.get("top1_agreement")
+        parts.append(f"agreement {100 * ag:.1f}%" + (f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]" if lo_hi else "")
+                     + f" of {n} images")
+    drops = []
+    for k, v in (check.get("drops_points") or {}).items():
+        if v is None:
+            continue
+        lo_hi = (iv.get("drops_points") or {}).get(k)
+        drops.append(f"{k} {v:.2f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""))
+    if drops:
+        parts.append("drop (points" + (f", {100 * iv['level']:g}% interval" if iv.get("level") else "") + "): "
+                     + ", ".join(drops))
+    return "; ".join(parts)

@@ -19,6 +19,7 @@ from edgeskin.calibration import read_calibration_set
 from edgeskin.data import load_dataset, read_split
 from edgeskin.errors import CheckpointError, ConfigError
 from edgeskin.export import ExportError, export_onnx
+from edgeskin.metrics import budget_steps
 from edgeskin.targets import Budget, CompileError, Target, get_target, register
 from edgeskin.targets.cpu import CpuTarget
 
@@ -108,6 +109,53 @@ def test_budget_parse():
 def test_budget_parse_refuses_bad_text(text):
     with pytest.raises(ConfigError, match="bad budget"):
         Budget.parse(text)
+
+
+def test_small_split_warning_fires_on_a_tiny_class_and_is_silent_on_a_big_split():
+    budget = Budget.for_compile()  # top1 0.5, balanced 1.5, mel_recall 2 points
+    # the quick recipe's 384 validation images: 9 df images make one flip 1.59 balanced points
+    small = budget_steps(np.repeat(np.arange(7), [24, 40, 97, 9, 83, 119, 12]), CODES)
+    warnings_ = budget.resolution_warnings(small)
+    assert warnings_ == [
+        "top1 budget 0.5 points = 1.9 flipped images (0.26 points each; 384 images)",
+        "balanced budget 1.5 points < one flipped image (1.59 points; smallest class df: 9 images)",
+        "mel_recall budget 2 points = 1.7 flipped images (1.20 points each; 83 mel images)",
+    ]
+    # ten times the images: every budget is worth at least 3 images
+    big = budget_steps(np.repeat(np.arange(7), [240, 400, 970, 90, 830, 1190, 120]), CODES)
+    assert budget.resolution_warnings(big) == []
+    # an unbudgeted metric is not warned about; a split without melanoma cannot check its budget
+    assert Budget(balanced=1.5).resolution_warnings(small) == [warnings_[1]]
+    no_mel = budget_steps(np.repeat([0, 1, 2, 3, 5, 6], 1000), CODES)
+    assert budget.resolution_warnings(no_mel) == ["mel_recall budget 2 points cannot be checked: 0 mel images"]
+
+
+def test_compile_check_records_intervals_image_count_and_warnings():
+    from edgeskin.budget import check_summary
+    from edgeskin.targets.base import compare
+
+    y = np.repeat(np.arange(7), [24, 40, 97, 9, 83, 119, 12])
+    ref = np.full((len(y), 7), 0.1)
+    ref[np.arange(len(y)), y] = 0.4
+    probs = ref.copy()
+    probs[:3] = np.roll(probs[:3], 1, axis=1)  # three akiec images now wrong
+    c = compare(probs, ref, y, CODES, Budget.for_compile())
+    assert c["n"] == 384 and c["top1_agreement"] == pytest.approx(381 / 384)
+    iv = c["intervals"]
+    assert iv["level"] == 0.95 and iv["top1_agreement"][0] < 381 / 384 < iv["top1_agreement"][1] < 1
+    assert c["drops_points"]["top1"] == pytest.approx(300 / 384)
+    lo, hi = iv["drops_points"]["top1"]
+    assert 0 <= lo < 300 / 384 < hi  # only losses: a paired resample never shows a gain
+    assert iv["drops_points"]["mel_recall"] == [0.0, 0.0]
+    assert c["resolution_points"]["balanced"]["class"] == "df"
+    assert [w.split()[0] for w in c["warnings"]] == ["top1", "balanced", "mel_recall"]
+    assert not c["passed"]  # 0.78 points > 0.5: the warnings do not change the verdict
+    assert check_summary(c).startswith(f"agreement 99.2% [{100 * iv['top1_agreement'][0]:.1f}, "
+                                       f"{100 * iv['top1_agreement'][1]:.1f}] of 384 images; "
+                                       f"drop (points, 95% interval): top1 0.78 [{lo:.2f}, {hi:.2f}], balanced ")
+    # a record from before the intervals still reads
+    assert check_summary({"n": 14, "top1_agreement": 1.0, "drops_points": {"top1": 0.0}}) == \
+        "agreement 100.0% of 14 images; drop (points): top1 0.00"
 
 
 # ------------------------------------------------------------------ export
@@ -220,6 +268,10 @@ def test_fp32_manifest(built):
     acc = m.accuracy
     assert acc["top1_agreement"] == 1.0 and acc["passed"] is True and acc["forced"] is False
     assert acc["max_abs_prob_diff"] <= 1e-6 and acc["n"] == 14
+    # 14 images: all agree, yet the interval says "at least 78 %"; one image is 7 top-1 points
+    assert acc["intervals"]["top1_agreement"] == [pytest.approx(14 / (14 + 1.96 ** 2), abs=1e-3), 1.0]
+    assert acc["intervals"]["drops_points"]["top1"] == [0.0, 0.0]
+    assert "top1 budget 0.5 points < one flipped image (7.14 points; 14 images)" in acc["warnings"]
     assert set(m.files) == {"model.onnx", "labels.txt", "golden.npz"}
     for name, entry in m.files.items():
         assert entry == {"sha256": _sha(built.fp32 / name), "bytes": (built.fp32 / name).stat().st_size}
@@ -347,6 +399,8 @@ def test_cli_compile_via_alias(built, tmp_path):
                 "--data", str(built.data), "--threads", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "within budget" in r.stdout
+    assert "95% interval" in r.stdout and "[78.5, 100.0]" in r.stdout  # agreement 14/14, Wilson interval
+    assert "validation split small for the compile budget" in r.stderr and "7.14 points" in r.stderr
     m = BundleReader(out).manifest
     assert (m.target, m.precision) == ("cpu", "fp32")
     # same checkpoint, same compiler: the same model file as the Python API's bundle

@@ -2,14 +2,18 @@
 
 Every compile checks what it made before it ships it: the compiled artefact runs through the
 device runtime on the validation split; its top-1 agreement with the FP32 model and its drops in
-top-1, balanced accuracy and melanoma recall go into the manifest. When they miss the budget,
-compile raises :class:`CompileError` and writes no bundle, unless forced (then the manifest
-says so).
+top-1, balanced accuracy and melanoma recall go into the manifest, with 95 % intervals (Wilson
+score for the agreement, a paired bootstrap over the images for the drops) and the number of
+images. A split too small for the budget to mean much (one flipped image worth more than a
+budgeted drop, or fewer than three images' worth) is warned about and recorded. When they miss
+the budget, compile raises :class:`CompileError` and writes no bundle, unless forced (then the
+manifest says so).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +27,12 @@ from .. import __version__
 from ..budget import METRICS, Budget
 from ..bundle import Manifest, write_bundle
 from ..errors import ConfigError, EdgeskinError
-from ..metrics import classification_report, drops_points
+from ..metrics import budget_steps, classification_report, drops_points, paired_bootstrap_drops, wilson_interval
+
+log = logging.getLogger(__name__)
+
+#: the compile check's intervals: level, bootstrap resamples and seed (fixed, so a check repeats)
+INTERVAL_LEVEL, N_BOOT, BOOT_SEED = 0.95, 1000, 0
 
 
 class CompileError(EdgeskinError):
@@ -34,12 +43,18 @@ class CompileError(EdgeskinError):
 
 def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, codes: tuple[str, ...],
             budget: Budget) -> dict[str, Any]:
-    """Compiled vs FP32 on the same images: agreement, drops (points), pass/fail per metric."""
+    """Compiled vs FP32 on the same images: agreement, drops (points), pass/fail per metric, 95 %
+    intervals, and warnings where the split is too small for the budget."""
     ours = classification_report(probs, labels, codes)
     ref = classification_report(reference, labels, codes)
-    agreement = float(np.mean(probs.argmax(1) == reference.argmax(1)))
+    same = int(np.sum(probs.argmax(1) == reference.argmax(1)))
+    agreement = same / len(labels) if len(labels) else float("nan")
     pos = f"{ref['positive_class']}_sensitivity" if ref.get("positive_class") else "malignant_sensitivity"
     drops = drops_points(ref, ours)
+    positive = list(codes).index(ref["positive_class"]) if ref.get("positive_class") else None
+    boot = paired_bootstrap_drops(reference, probs, labels, positive=positive, n_boot=N_BOOT, seed=BOOT_SEED,
+                                  level=INTERVAL_LEVEL)
+    steps = budget_steps(labels, codes)
     failures = budget.drop_failures(drops)
     if budget.min_agreement is not None and agreement < budget.min_agreement:
         failures.append(f"top-1 agreement {100 * agreement:.2f}% < {100 * budget.min_agreement:.1f}%")
@@ -49,6 +64,17 @@ def compare(probs: np.ndarray, reference: np.ndarray, labels: np.ndarray, codes:
         "compiled": {k: ours[k] for k in ("top1", "top2", "top3", "balanced_accuracy", pos, "ece")},
         "fp32": {k: ref[k] for k in ("top1", "top2", "top3", "balanced_accuracy", pos, "ece")},
         "drops_points": drops,
+        "intervals": {
+            "level": INTERVAL_LEVEL,
+            "top1_agreement": list(wilson_interval(same, len(labels), INTERVAL_LEVEL)),
+            "drops_points": {k: ([boot[k]["low"], boot[k]["high"]] if boot.get(k) and drops.get(k) is not None
+                                 else None) for k in METRICS},
+            "method": {"top1_agreement": "Wilson score interval on the n images",
+                       "drops_points": f"paired bootstrap percentile interval: {N_BOOT} resamples of the n images "
+                                       f"with replacement, both models scored on each, seed {BOOT_SEED}"},
+        },
+        "resolution_points": steps,
+        "warnings": budget.resolution_warnings(steps),
         "max_abs_prob_diff": float(np.abs(probs - reference).max()) if len(probs) else 0.0,
         "budget": {k: v for k, v in budget.to_dict().items() if k in (*METRICS, "min_agreement")},
         "passed": not failures,
@@ -133,6 +159,8 @@ def verify_and_write(
     check = compare(probs_arr, reference_probs, val_labels, manifest.labels, budget)
     check["split"] = "val"
     check["reference"] = "FP32 model (ONNX Runtime) on the same images"
+    if check["warnings"]:
+        log.warning("validation split small for the compile budget: %s", "; ".join(check["warnings"]))
     forced = False
     if not check["passed"]:
         if not force:
