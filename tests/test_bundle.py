@@ -353,3 +353,23 @@ def test_cli_verify_malformed_manifest_is_a_clean_error(tmp_path):
     (d / MANIFEST).write_text("[]")
     r = run_cli("bundle", "verify", str(d))
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bundle_show_summarises_the_compile_check_with_intervals_and_warnings(tmp_path, capsys):
+    from edgeskin.cli.bundle import bundle_show
+
+    check = {"n": 384, "top1_agreement": 0.9922, "passed": True, "forced": False, "failures": [],
+             "drops_points": {"top1": 0.26, "balanced": 0.4, "mel_recall": None},
+             "intervals": {"level": 0.95, "top1_agreement": [0.9832, 0.9964],
+                           "drops_points": {"top1": [-0.26, 0.78], "balanced": [-1.1, 1.9], "mel_recall": None}},
+             "warnings": ["balanced budget 1.5 points < one flipped image (1.59 points; smallest class df: 9 images)"]}
+    path = write_bundle(tmp_path / "b.edgeskin", small_manifest(accuracy=check), {"model.onnx": b"m"})
+    bundle_show(path)
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps at its width
+    assert ("within budget: vs FP32 on validation, agreement 99.2% [98.3, 99.6] of 384 images; drop (points, "
+            "95% interval): top1 0.26 [-0.26, 0.78], balanced 0.40 [-1.10, 1.90]") in err
+    assert "warning: validation split small for the compile budget: balanced budget 1.5 points < one flipped" in err
+    # a bundle without the record says nothing about it
+    bundle_show(write_bundle(tmp_path / "c.edgeskin", small_manifest(accuracy={}), {"model.onnx": b"m"}))
+    err = capsys.readouterr().err
+    assert "within budget" not in err and "warning" not in err

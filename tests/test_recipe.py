@@ -310,3 +310,17 @@ def test_compile_options_map_to_each_target_the_same_way_for_cli_and_recipes():
     from edgeskin.targets.options import HELP, OPTIONS
 
     assert {s.name for s in compile_settings()} == set(OPTIONS) == set(HELP)
+
+
+def test_compile_stage_detail_names_the_budgets_the_val_split_is_too_small_for(tmp_path):
+    from edgeskin.recipe.stages import _compile_stage
+
+    stage = _compile_stage({"name": "cpu-int8", "target": "cpu", "precision": "int8"})
+    warned = ["balanced budget 1.5 points < one flipped image (1.59 points; smallest class df: 9 images)",
+              "mel_recall budget 2 points = 1.7 flipped images (1.20 points each; 83 mel images)"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"accuracy": {"passed": True, "forced": False,
+                                                                     "warnings": warned}}))
+    assert stage.note(None, tmp_path) == \
+        "inputs unchanged; within budget (val split small for the balanced, mel_recall budgets)"
+    (tmp_path / "manifest.json").write_text(json.dumps({"accuracy": {"passed": True, "forced": False}}))
+    assert stage.note(None, tmp_path) == "inputs unchanged; within budget"

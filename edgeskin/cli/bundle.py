@@ -68,8 +68,11 @@ def bundle_pack(bundle: Path = typer.Argument(..., help="Bundle folder."),
 @bundle_app.command("show")
 def bundle_show(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")) -> None:
     """Print a bundle's manifest (JSON, on stdout), then what a user must know first (on stderr):
-    whether it met its compile budget or was FORCED past it, the licence of the data it was
-    trained on, and, for phone bundles, how an app must feed it."""
+    whether it met its compile budget or was FORCED past it, its agreement and drops vs FP32 with
+    95 % intervals and image count, warnings where the validation split was too small for the
+    budget, the licence of the data it was trained on, and, for phone bundles, how an app must
+    feed it."""
+    from ..budget import check_summary
     from ..bundle import BundleReader
     from ..targets.phone import preprocessing_advice
 
@@ -79,9 +82,12 @@ def bundle_show(bundle: Path = typer.Argument(..., help="Bundle folder or zip.")
     if acc.get("forced"):
         err.print(f"[bold yellow]FORCED[/bold yellow]: written past its compile budget "
                   f"({escape_markup('; '.join(acc.get('failures') or []))}); `edgeskin bench --refuse-forced` refuses it")
-    elif "passed" in acc:
-        err.print(f"[green]within budget[/green]: top-1 agreement with FP32 {100 * acc.get('top1_agreement', 0):.1f} % "
-                  f"on {acc.get('n', '?')} validation images")
+    if "passed" in acc:
+        err.print(("" if acc.get("forced") else "[green]within budget[/green]: ")
+                  + f"vs FP32 on validation, {escape_markup(check_summary(acc))}")
+    if acc.get("warnings"):
+        err.print("[yellow]warning:[/yellow] validation split small for the compile budget: "
+                  + escape_markup("; ".join(acc["warnings"])))
     lic = (m.provenance or {}).get("data_licence")
     if lic:
         err.print(f"data licence ({lic.get('spdx')}): {escape_markup(str(lic.get('notice')))}")

@@ -106,14 +106,20 @@ def compile_cmd(
                      budget=budget, force=force, overwrite=overwrite, threads=threads, reporter=reporter(), **kw)
     c = res.check
     t = Table(title=f"{tg.name}/{precision} vs FP32 on the validation split ({c['n']} images)")
-    for col in ("metric", "FP32", "compiled", "drop (points)", "budget"):
+    for col in ("metric", "FP32", "compiled", "drop (points)", "95% interval", "budget"):
         t.add_column(col, justify="left" if col == "metric" else "right")
+    iv = c.get("intervals") or {}
+
+    def interval(lo_hi: Optional[list], scale: float = 1.0, digits: int = 2) -> str:
+        return f"[{scale * lo_hi[0]:.{digits}f}, {scale * lo_hi[1]:.{digits}f}]" if lo_hi else ""
+
     pos = "mel_sensitivity" if "mel_sensitivity" in c["fp32"] else "malignant_sensitivity"
     for key, label, dk in (("top1", "top-1", "top1"), ("balanced_accuracy", "balanced acc.", "balanced"),
                            (pos, "mel recall" if pos == "mel_sensitivity" else "malignant recall", "mel_recall")):
         t.add_row(label, pct(c["fp32"][key]), pct(c["compiled"][key]), f"{c['drops_points'][dk]:.2f}",
-                  f"≤ {c['budget'][dk]}")
-    t.add_row("top-1 agreement", "", pct(c["top1_agreement"]), "", f"≥ {100 * c['budget']['min_agreement']:.0f}")
+                  interval((iv.get("drops_points") or {}).get(dk)), f"≤ {c['budget'][dk]}")
+    t.add_row("top-1 agreement", "", pct(c["top1_agreement"]), "", interval(iv.get("top1_agreement"), 100, 1),
+              f"≥ {100 * c['budget']['min_agreement']:.0f}")
     out.print(t)
     size = sum(f["bytes"] for f in res.manifest.files.values())
     status = "[yellow]FORCED past its budget[/yellow]" if res.forced else "[green]within budget[/green]"

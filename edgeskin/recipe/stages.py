@@ -234,6 +234,12 @@ def compile_budget(r: Recipe):  # noqa: ANN201
                              where=f"{r.path}: [budgets.compile]")
 
 
+def _small_split(check: dict[str, Any]) -> str:
+    """The stage detail's note on budgets the validation split is too small to judge (warned at compile)."""
+    small = [w.split(" ", 1)[0] for w in check.get("warnings") or []]
+    return f" (val split small for the {', '.join(small)} budget{'s' if len(small) > 1 else ''})" if small else ""
+
+
 def _compile_stage(t: dict[str, Any]) -> Stage:
     name = f"compile:{t['name']}"
 
@@ -260,11 +266,13 @@ def _compile_stage(t: dict[str, Any]) -> Stage:
         res = tg.compile(student_path(ctx), precision=t["precision"], dataset=ctx.dataset, split=ctx.split,
                          out=out, calibration=cal, budget=compile_budget(ctx.recipe), force=keep, overwrite=True,
                          threads=ctx.recipe.bench.get("threads"), reporter=ctx.reporter, **kw)
+        from ..budget import check_summary
+
         c = res.check
-        ctx.say(f"{t['name']}: agreement with FP32 on val {100 * c['top1_agreement']:.1f}%, top-1 drop "
-                f"{c['drops_points']['top1']:.2f}, balanced drop {c['drops_points']['balanced']:.2f} points"
+        ctx.say(f"{t['name']}: vs FP32 on val, {check_summary(c)}"
                 + (" (FORCED past its budget: on_miss = keep)" if res.forced else ""))
-        return ("FORCED past its budget: " + "; ".join(c["failures"])) if res.forced else "within budget"
+        return (("FORCED past its budget: " + "; ".join(c["failures"])) if res.forced else "within budget") \
+            + _small_split(c)
 
     def fingerprint(ctx: Context, out: Path) -> str:
         manifest = out / "manifest.json"
@@ -274,8 +282,8 @@ def _compile_stage(t: dict[str, Any]) -> Stage:
         import json
 
         acc = json.loads((out / "manifest.json").read_text()).get("accuracy", {})
-        return ("FORCED past its budget: " + "; ".join(acc.get("failures", []))) if acc.get("forced") else \
-            "inputs unchanged; within budget"
+        return (("FORCED past its budget: " + "; ".join(acc.get("failures", []))) if acc.get("forced") else
+                "inputs unchanged; within budget") + _small_split(acc)
 
     return Stage(name, ("split", "student", "calibration"), lambda r: r.out / "bundles" / f"{t['name']}.edgeskin",
                  key, run, fingerprint, may_fail=True, note=note)
