@@ -375,7 +375,6 @@ def bench_config(given: Mapping[str, Any], *, where: str = CLI):  # noqa: ANN201
 _COMPILE_FLAGS: dict[str, tuple[str, ...]] = {
     "max_drop_int8": ("--max-drop-int8",),
     "float_fallback": ("--float-fallback",),
-    "fast_bias_correction": ("--fast-bias-correction/--full-bias-correction",),
     "head_float": ("--head-float/--head-int8",),
     "first_conv_float": ("--first-conv-float/--first-conv-int8",),
     "int8_adds": ("--int8-adds/--float-adds",),

@@ -301,6 +301,12 @@ def test_compile_options_map_to_each_target_the_same_way_for_cli_and_recipes():
                      "output_kind": "probabilities"}
     trt = describe(compile_kwargs(get_target("jetson"), "jetson", {"jetpack": "5.1", "ignore": ["/fc/Gemm"]}))
     assert trt["jetpack"] == "5.1" and trt["quantize"]["ignored"] == ["/fc/Gemm"] and trt["quantize"]["subset_size"] == 512
+    # NNCF's fast bias correction cost the quick student 3 points of agreement: off unless asked for
+    assert trt["quantize"]["bias_correction"] == "none"
+    assert describe(compile_kwargs(get_target("cpu"), "cpu", {"bias_correction": "fast"}))["quantize"][
+        "bias_correction"] == "fast"
+    with pytest.raises(ConfigError, match="bias_correction"):
+        compile_kwargs(get_target("cpu"), "cpu", {"bias_correction": "yes"})
     with pytest.raises(ConfigError, match="did you mean 'subset_size'"):
         compile_kwargs(get_target("cpu"), "cpu", {"subsetsize": 64})
     with pytest.raises(ConfigError, match="'jetpack' does not apply to target 'tflite'"):
@@ -324,3 +330,16 @@ def test_compile_stage_detail_names_the_budgets_the_val_split_is_too_small_for(t
         "inputs unchanged; within budget (val split small for the balanced, mel_recall budgets)"
     (tmp_path / "manifest.json").write_text(json.dumps({"accuracy": {"passed": True, "forced": False}}))
     assert stage.note(None, tmp_path) == "inputs unchanged; within budget"
+
+
+def test_a_forced_bundle_left_by_an_earlier_keep_run_is_seen_as_forced(tmp_path):
+    # with on_miss = "fail" the recipe's bench refuses such a bundle (edgeskin.recipe.stages._run_bench)
+    from edgeskin.recipe.stages import _forced
+
+    b = tmp_path / "cpu-int8.edgeskin"
+    b.mkdir()
+    (b / "manifest.json").write_text(json.dumps({"accuracy": {"passed": False, "forced": True}}))
+    assert _forced(b)
+    (b / "manifest.json").write_text(json.dumps({"accuracy": {"passed": True, "forced": False}}))
+    assert not _forced(b)
+    assert not _forced(tmp_path / "missing.edgeskin")
