@@ -332,9 +332,15 @@ def _run_bench(ctx: Context, out: Path) -> None:
     ref.save(out / f"reference-{on}.npz")
     exports = tempfile.TemporaryDirectory(prefix="edgeskin-reference-")
     bundles, extra = [], []
+    refuse_forced = r.compile_budget.get("on_miss", "fail") != "keep"
     for t in r.targets:
         b = r.out / "bundles" / f"{t['name']}.edgeskin"
-        if b.is_dir():
+        if b.is_dir() and refuse_forced and _forced(b):
+            # on_miss = "fail": a bundle written past its budget (by an earlier on_miss = "keep" run)
+            # is refused, as `edgeskin bench --refuse-forced` does
+            extra.append(compile_failed_row(t["target"], t["precision"],
+                                            "FORCED past its compile budget; refused (on_miss = fail)"))
+        elif b.is_dir():
             bundles.append(b)
         else:
             why = ctx.results.get(f"compile:{t['name']}", "no bundle")
@@ -347,6 +353,13 @@ def _run_bench(ctx: Context, out: Path) -> None:
         exports.cleanup()
     write_reports(report, out)
     ctx.report = report
+
+
+def _forced(bundle: Path) -> bool:
+    import json
+
+    m = bundle / "manifest.json"
+    return m.is_file() and bool(json.loads(m.read_text()).get("accuracy", {}).get("forced"))
 
 
 def _load_report(ctx: Context, out: Path) -> None:
