@@ -112,7 +112,8 @@ def toml_value(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
     if isinstance(v, (int, str)):
-        return json.dumps(v, ensure_ascii=False)
+        # JSON leaves DEL (0x7f) as it is; TOML wants it escaped
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     return "[" + ", ".join(toml_value(x) for x in v) + "]"
 
 
