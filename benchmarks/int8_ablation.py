@@ -38,15 +38,14 @@ def _strip_activation_qdq(proto):  # noqa: ANN001, ANN202
     m = copy.deepcopy(proto)
     g = m.graph
     inits = {i.name for i in g.initializer}
-    rename, drop = {}, set()
+    rename, keep = {}, []
     for n in g.node:
         if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
-            for d in g.node:
-                if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]:
-                    rename[d.output[0]] = n.input[0]
-                    drop.add(id(d))
-            drop.add(id(n))
-    keep = [n for n in g.node if id(n) not in drop]
+            dq = [d for d in g.node if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]]
+            rename[dq[0].output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    keep = [n for n in keep if not (n.op_type == "DequantizeLinear" and n.output[0] in rename)]
     for n in keep:
         for i, x in enumerate(n.input):
             if x in rename:
