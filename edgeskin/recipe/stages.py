@@ -279,9 +279,7 @@ def _compile_stage(t: dict[str, Any]) -> Stage:
         return sha256_file(manifest) if manifest.is_file() else f"failed:{ctx.keys[name]}"
 
     def note(ctx: Context, out: Path) -> str:
-        import json
-
-        acc = json.loads((out / "manifest.json").read_text()).get("accuracy", {})
+        acc = _accuracy(out)
         return (("FORCED past its budget: " + "; ".join(acc.get("failures", []))) if acc.get("forced") else
                 "inputs unchanged; within budget") + _small_split(acc)
 
@@ -355,11 +353,16 @@ def _run_bench(ctx: Context, out: Path) -> None:
     ctx.report = report
 
 
-def _forced(bundle: Path) -> bool:
+def _accuracy(bundle: Path) -> dict[str, Any]:
+    """The compile check recorded in a bundle folder's manifest ({} without one)."""
     import json
 
     m = bundle / "manifest.json"
-    return m.is_file() and bool(json.loads(m.read_text()).get("accuracy", {}).get("forced"))
+    return json.loads(m.read_text()).get("accuracy", {}) if m.is_file() else {}
+
+
+def _forced(bundle: Path) -> bool:
+    return bool(_accuracy(bundle).get("forced"))
 
 
 def _load_report(ctx: Context, out: Path) -> None:
