@@ -256,6 +256,22 @@ def student() -> tuple[Setting, ...]:
                 lo=0, hi=10**6, recipe_default=0),
         Setting("latency_threads", int, None, "Threads for the latency runs (default: the engines' choice).",
                 lo=1, hi=4096),
+    ) + qat()
+
+
+@functools.lru_cache(maxsize=1)
+def qat() -> tuple[Setting, ...]:
+    """Quantization-aware epochs (``distill --qat-epochs``, a recipe's ``[student]``, ``edgeskin qat``)."""
+    return (
+        Setting("qat_epochs", int, 0, "Quantization-aware epochs after the float ones: the student's INT8 form "
+                "for --qat-target is trained (NNCF), the ensemble still the teacher, and compile uses it. 0: none.", lo=0, hi=1000),
+        Setting("qat_target", str, "cpu", "The INT8 form trained, and the compile target that uses it: cpu (ONNX "
+                "Runtime: INT8 weights, UINT8 activations) | jetson (TensorRT: symmetric INT8).",
+                choices=("cpu", "jetson")),
+        Setting("qat_lr", float, 3e-6, "Learning rate of the quantization-aware epochs (Adam, cosine to 0).",
+                lo=1e-9, hi=1.0),
+        Setting("qat_consistency", float, 1.0, "Weight of the term that keeps the INT8 decisions on the float "
+                "student's own (0: the ensemble and the labels only).", lo=0.0, hi=100.0),
     )
 
 
@@ -334,10 +350,16 @@ def distill_config(given: Mapping[str, Any], *, where: str = CLI):  # noqa: ANN2
     from a teacher member (already trained) gets a third of the learning rate, unless ``lr`` is given."""
     from .train import DistillConfig
 
+    from .train.qat import QatConfig
+
     v = values((training(), student()), given, where)
-    return DistillConfig(train=train_config(given, student_run=True, where=where), temperature=float(v["temperature"]),
+    train = train_config(given, student_run=True, where=where)
+    q = QatConfig(epochs=int(v["qat_epochs"]), target=str(v["qat_target"]), lr=float(v["qat_lr"]),
+                  consistency=float(v["qat_consistency"]), seed=int(v["seed"]), batch_size=train.batch_size,
+                  steps_per_epoch=train.steps_per_epoch)
+    return DistillConfig(train=train, temperature=float(v["temperature"]),
                          alpha=float(v["alpha"]), init=str(v["init"]), member=v["member"],
-                         member_lr_factor=None if given.get("lr") is not None else 1 / 3)
+                         member_lr_factor=None if given.get("lr") is not None else 1 / 3, qat=q)
 
 
 def compute(given: Mapping[str, Any], *, training_run: bool = True, init_distributed: bool = True):  # noqa: ANN201

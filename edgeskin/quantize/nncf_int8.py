@@ -57,8 +57,13 @@ class QuantizeOptions:
     #: activation quantizers in float until top-1 agreement with FP32 on val reaches this
     fallback_agreement: float | None = None
     fallback_max_layers: int = 12
+    #: ``auto``: a checkpoint trained quantization-aware for the target being compiled brings its
+    #: own INT8 graph (learned ranges); ``off``: calibrate afresh
+    qat: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.qat not in ("auto", "off"):
+            raise ConfigError(f"unknown qat choice {self.qat!r}", "choose auto or off")
         if self.preset not in ("performance", "mixed"):
             raise ConfigError(f"unknown preset {self.preset!r}", "choose performance or mixed")
         if self.range_estimator not in RANGE_ESTIMATORS:

@@ -165,7 +165,7 @@ def _student_key(ctx: Context) -> str:
         return digest({"load": ctx.folder_fp(st["load"])})
     cfg = S.distill_config(st, where=S.RECIPE)
     return digest({"ensemble": ctx.fp["ensemble"], "split": ctx.fp["split"], "data": ctx.data_key,
-                   "cfg": cfg.__dict__ | {"train": cfg.train.to_dict()},
+                   "cfg": cfg.to_dict(),
                    "report_on": st.get("report_on", "none"), "compute": _compute_key(st)})
 
 

@@ -114,13 +114,20 @@ class OnnxTarget(Target):
                     validation = ([(i, prep.val_inputs[i : i + 1]) for i in range(len(prep.val_inputs))],
                                   _metric_fn(prep.val_labels, prep.labels.codes, threads,
                                              quantize.control_metric, prep.fp32_probs))
-                reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
-                                 + (f", accuracy control max drop {quantize.max_drop}" if quantize.max_drop is not None else "")
-                                 + ")")
                 from ..quantize import quantize_onnx
+                from .prepare import qat_graph
 
-                proto, record = quantize_onnx(proto, cal, quantize, validation=validation)
-                if quantize.fallback_agreement is not None:
+                learned = qat_graph(prep, self.name, quantize, reporter)
+                if learned is not None:
+                    reporter.message(f"{prep.name} was trained quantization-aware for {self.name}: its learned "
+                                     "ranges and weights make the INT8 graph (no fresh calibration)")
+                    proto, record = learned
+                else:
+                    reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
+                                     + (f", accuracy control max drop {quantize.max_drop}"
+                                        if quantize.max_drop is not None else "") + ")")
+                    proto, record = quantize_onnx(proto, cal, quantize, validation=validation)
+                if quantize.fallback_agreement is not None and learned is None:
                     from ..quantize import float_fallback
 
                     reporter.message(f"float fallback towards {100 * quantize.fallback_agreement:.1f}% agreement "

@@ -26,6 +26,7 @@ OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "fallback_max_layers": (12, ("cpu", "jetson")),
     "control_metric": ("agreement", ("cpu", "jetson")),
     "opset": (None, ("cpu", "jetson")),
+    "qat": ("auto", ("cpu", "jetson")),
     "jetpack": (None, ("jetson",)),
     "layout": ("NHWC", ("tflite",)),
     "int8_adds": (False, ("tflite",)),
@@ -48,6 +49,7 @@ def _types() -> dict[str, Any]:
         "control_metric": text, "opset": Int(7, 30), "jetpack": AnyOf((text, Num(0, 100))), "layout": text,
         "int8_adds": Bool(), "observer": text, "input_type": Str(("uint8", "normalized")),
         "output_kind": Str(("probabilities", "logits")),
+        "qat": Str(("auto", "off")),
     }
 
 
@@ -98,7 +100,8 @@ def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: s
                         preset=val["preset"], ignored=tuple(val["ignore"] or ()), keep_head_float=bool(val["head_float"]),
                         first_conv_float=bool(val["first_conv_float"]), range_estimator=val["range_estimator"],
                         max_drop=val["max_drop_int8"], control_metric=val["control_metric"],
-                        fallback_agreement=val["float_fallback"], fallback_max_layers=int(val["fallback_max_layers"]))
+                        fallback_agreement=val["float_fallback"], fallback_max_layers=int(val["fallback_max_layers"]),
+                        qat=str(val["qat"]))
     return {"quantize": q, "opset": val["opset"], "device": device, "jetpack": val["jetpack"]}
 
 
@@ -129,6 +132,8 @@ HELP: dict[str, str] = {
     "control_metric": "What accuracy control holds: agreement (top-1 agreement with FP32) | clinical (mean of "
                       "balanced acc. and mel recall).",
     "opset": "ONNX opset (default: 17 for cpu; the device profile's highest for jetson).",
+    "qat": "auto: a student trained quantization-aware for this target (distill --qat-target) compiles with the "
+           "ranges and weights it learned | off: calibrate afresh.",
     "jetpack": "JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset.",
     "layout": "Input layout NHWC (phones) | NCHW.",
     "int8_adds": "Quantize the residual additions too (all-integer graph for NPU delegates).",

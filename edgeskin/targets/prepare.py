@@ -34,6 +34,8 @@ class Prepared:
     val_ids: list[str]
     fp32_probs: np.ndarray
     workdir: tempfile.TemporaryDirectory = field(repr=False)
+    #: the checkpoint's JSON (edgeskin checkpoints; None for imported graphs)
+    path: Path | None = None
 
     def provenance(self, split: Split) -> dict[str, Any]:
         return {**model_provenance(self.name, self.arch, self.sha256, self.config, split), "export": self.export}
@@ -177,7 +179,49 @@ def _finish(ck: Any, onnx_path: Path, export: dict[str, Any], x: np.ndarray, y: 
     reporter.stop()
     probs = softmax(np.concatenate(logits))
     return Prepared(ck.name, ck.config["arch"], ck.sha256, ck.labels, ck.preprocess, ck.config, onnx_path, export,
-                    x, y, [s.image_id for s in val.samples], probs, work)
+                    x, y, [s.image_id for s in val.samples], probs, work,
+                    Path(ck.path) if ck.source == "edgeskin" else None)
+
+
+def qat_graph(prep: Prepared, target: str, options: Any, reporter: Reporter) -> tuple[Any, dict[str, Any]] | None:
+    """The INT8 graph a student trained quantization-aware for ``target`` carries (its learned
+    ranges and weights), checked against the hash its checkpoint records; None when it has none
+    for this target, or ``options.qat`` is off, or the compile options ask for other float layers."""
+    trained = prep.config.get("qat") or {}
+    if not trained or prep.path is None or getattr(options, "qat", "auto") == "off":
+        return None
+    qat = trained.get(target)
+    if not qat:
+        reporter.message(f"{prep.name} was trained quantization-aware for {', '.join(sorted(trained))}, not "
+                         f"{target}: calibrating afresh")
+        return None
+    if qat.get("student_sha256") != prep.sha256:
+        reporter.message(f"{prep.name}'s quantization-aware graph was made from other weights: calibrating afresh")
+        return None
+    trained_fcf = bool(qat.get("config", {}).get("first_conv_float", True))
+    if trained_fcf != bool(options.first_conv_float) or options.ignored or not options.keep_head_float \
+            or options.max_drop is not None or options.fallback_agreement is not None:
+        reporter.message(f"{prep.name}'s quantization-aware graph keeps "
+                         f"{'the first convolution and ' if trained_fcf else ''}the classifier in float; these "
+                         "compile options ask for another float set: calibrating afresh (--qat off says so)")
+        return None
+    import onnx
+
+    from ..errors import CheckpointError
+    from ..fileio import sha256_file
+
+    path = prep.path.parent / qat["onnx"]["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the quantization-aware INT8 graph of {prep.name} is missing",
+                              "copy it beside the checkpoint, or compile with --qat off")
+    if sha256_file(path) != qat["onnx"]["sha256"]:
+        raise CheckpointError(f"{path}: does not match the hash {prep.path.name} records for it",
+                              "restore the file written with the checkpoint, or compile with --qat off")
+    record = {"tool": qat.get("tool", "nncf"), "nncf_version": qat.get("nncf_version"), "mode": "quantization-aware",
+              "qat": {k: qat.get(k) for k in ("target", "preset", "float_modules", "config", "steps",
+                                             "val_agreement_before", "val_agreement_after", "onnx")},
+              "options": options.to_dict()}
+    return onnx.load(str(path)), record
 
 
 def calibration_inputs(cal, dataset: Dataset, split: Split, pre: PreprocessConfig,  # noqa: ANN001

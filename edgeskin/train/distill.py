@@ -39,6 +39,7 @@ from .config import TrainConfig
 from ..models.compute import CPU, Compute
 from .loop import default_compute, dist_info, fit, _barrier
 from .losses import class_weights, distillation_kl, make_loss
+from .qat import QatConfig
 
 INITS = ("auto", "imagenet", "member", "scratch")
 STUDENT_NAME = "student"
@@ -63,6 +64,8 @@ class DistillConfig:
     #: when the student starts from a teacher member (an already trained network), scale the
     #: learning rate by this (None: keep ``train.lr``); the CLI uses 1/3 unless --lr is given
     member_lr_factor: float | None = None
+    #: quantization-aware epochs after the float ones (:mod:`edgeskin.train.qat`); off by default
+    qat: QatConfig = field(default_factory=QatConfig)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -76,6 +79,10 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["train"] = self.train.to_dict()
+        if self.qat.epochs == 0:
+            del d["qat"]  # no QAT: the same settings (and digest) as before the option existed
+        else:
+            d["qat"] = self.qat.to_dict()
         return d
 
     def with_train(self, train: TrainConfig) -> "DistillConfig":
@@ -496,11 +503,20 @@ def distill(
     }
     if rank == 0 and not (out / "split.csv").exists():
         write_split(split, out / "split.csv")  # so evaluate and compile find the split by default
+    float_cfg = replace(run_cfg, qat=QatConfig())
     res = fit(model, cfg=t, labels=labels, train_arrays=train_arrays, train_targets=train_y, val_inputs=val_x,
               val_targets=val_y, criterion=criterion, out=out / STUDENT_NAME,
               pretrained_source=None if initialisation == "random" else initialisation,
               recipe=recipe, reporter=reporter, extra={"teacher": teacher_record},
-              digest=run_cfg.digest(teacher.digest), compute=compute, pretrained_sha256=init_sha)
+              digest=float_cfg.digest(teacher.digest), compute=compute, pretrained_sha256=init_sha)
+    if run_cfg.qat.epochs > 0:
+        ys = torch.from_numpy(np.asarray(train_y)).to(compute.device)
+        qat_phase(res, run_cfg, digest=run_cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
+                  labels=labels, pre=pre, compute=compute,
+                  teacher_probs=lambda x, idx: (cache_probs[torch.from_numpy(idx).to(cache_probs.device)]
+                                                if cache_probs is not None else teacher.probs(x)),
+                  hard_loss=lambda logits, idx: hard(logits.float(), ys[torch.from_numpy(idx).to(ys.device)]),
+                  reporter=reporter)
 
     report = None
     report_path = out / "report.json"
@@ -522,6 +538,66 @@ def distill(
     _barrier()
     return DistillResult(res.checkpoint, res.best_epoch, res.best_score, initialisation,
                          None if cache is None else str(cache.path), report, res.skipped, res.history)
+
+
+def qat_file(checkpoint: Path, target: str) -> Path:
+    """Where the INT8 graph that quantization-aware training made for ``target`` is kept."""
+    return checkpoint.with_name(f"{checkpoint.name.removesuffix('.json')}.qat-{target}.onnx")
+
+
+def qat_phase(float_res: Any, cfg: DistillConfig, *, digest: str, train_arrays: Sequence[np.ndarray],
+              val_x: np.ndarray, labels: LabelSet, pre: PreprocessConfig, compute: Compute,
+              teacher_probs: Any, hard_loss: Any, reporter: Reporter) -> dict[str, Any]:
+    """The quantization-aware epochs after the float ones (:mod:`edgeskin.train.qat`).
+
+    The float student stays the student (the FP32 model every bundle is compared with); these
+    epochs make its INT8 form for ``cfg.qat.target``: a QDQ ONNX graph of the learned weights and
+    ranges, written beside the checkpoint (``student.qat-TARGET.onnx``) with its record and hash in
+    the checkpoint's JSON. The compile step for that target uses it. A finished one with the same
+    settings is not trained again. Returns the record."""
+    from ..data import eval_tensors
+    from ..fileio import sha256_file
+    from ..models.checkpoint import load_checkpoint
+    from .batches import make_batches
+    from .qat import export_qdq, train_qat
+
+    q = cfg.qat
+    meta_path = Path(float_res.checkpoint)
+    meta = json.loads(meta_path.read_text())
+    onnx_path = qat_file(meta_path, q.target)
+    done = (meta.get("qat") or {}).get(q.target)
+    if (done and done.get("config_digest") == digest and onnx_path.is_file()
+            and sha256_file(onnx_path) == done.get("onnx", {}).get("sha256")):
+        reporter.message(f"{meta_path.stem}: quantization-aware epochs for {q.target} already done, skipping")
+        return done
+    rank, _ = dist_info()
+    if rank != 0:  # one process fine-tunes (the phase is short); the others wait
+        _barrier()
+        return {}
+    start = load_checkpoint(meta_path)
+    model = start.model.to(compute.device)
+    rng = np.random.default_rng([q.seed, 31337])
+    pick = np.sort(rng.choice(len(train_arrays), size=min(q.calibration_size, len(train_arrays)), replace=False))
+    calibration = torch.from_numpy(eval_tensors([train_arrays[i] for i in pick], pre)).to(compute.device)
+    batches = make_batches(train_arrays, pre, cfg.train.augment, cfg.train.seed, compute)
+    reporter.message(f"{meta_path.stem}: {q.epochs} quantization-aware epoch(s) for {q.target} (NNCF; "
+                     f"{len(pick)} training images set the initial ranges)")
+    res = train_qat(model, q, batches=batches, n_train=len(train_arrays), teacher_probs=teacher_probs,
+                    hard_loss=hard_loss if cfg.alpha < 1.0 else None, calibration=calibration,
+                    temperature=cfg.temperature, alpha=cfg.alpha, val_inputs=val_x, reporter=reporter)
+    export_qdq(res.model.cpu(), onnx_path, size=pre.size)
+    record = dict(res.record)
+    record.update({"target": q.target, "config_digest": digest, "student_sha256": start.sha256,
+                   "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}})
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("qat", {})[q.target] = record
+    write_json(meta_path, meta)
+    if "val_agreement_after" in record:
+        reporter.message(f"{meta_path.stem}: simulated {q.target} INT8 agrees with the float student on "
+                         f"{100 * record['val_agreement_after']:.2f}% of validation (before these epochs: "
+                         f"{100 * record['val_agreement_before']:.2f}%)")
+    _barrier()
+    return record
 
 
 def _final_report(teacher: Teacher, checkpoint: Path, dataset: Dataset, split: Split, split_name: str,

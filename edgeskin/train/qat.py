@@ -1,0 +1,371 @@
+"""Quantization-aware distillation: a student's last epochs train with a target's INT8 simulated.
+
+Library: NNCF's PyTorch backend (``nncf.quantize`` on the torch model, then ordinary training:
+NNCF's fake quantizers pass gradients straight through to the weights and learn their own
+ranges). It is the toolkit the compile step's post-training quantization already uses on the
+ONNX graph, with the same preset and the same placement of quantizers, so what is simulated
+here is what is compiled.
+
+What each target simulates (the INT8 form its compile step writes):
+
+- ``cpu`` (ONNX Runtime): per-channel symmetric INT8 weights; per-tensor symmetric activations,
+  UINT8 where the input is non-negative (after ReLU). NNCF's ``performance`` preset.
+- ``jetson`` (TensorRT): symmetric INT8 everywhere: the ``performance`` preset with every
+  activation quantizer signed (zero point 0, range/127): TensorRT's explicit-quantization form,
+  which the jetson target's compile step writes too.
+
+LiteRT (``tflite``) has no quantization-aware form here: its compile step quantizes with
+litert-torch's PT2E quantizer, which cannot take a QDQ graph.
+
+BatchNorm is folded into the convolutions before quantizers are placed (what every INT8
+compile does), so the weights trained are the weights the INT8 graph carries.
+
+The float student stays the student: it is the FP32 model the bundles are compared with. These
+epochs train its INT8 form (shadow float weights behind fake quantizers, and the quantizers'
+ranges), starting from the quantization compile would have made. The loss is the distillation
+loss of the float phase on the quantized logits (the ensemble is the teacher), plus
+``consistency`` times the temperature-scaled KL divergence from the float student's own output,
+which keeps the INT8 decisions on the decisions the bench compares them with.
+
+The result is exported as a QDQ ONNX graph (``student.qat-TARGET.onnx``, its hash recorded in the
+student's JSON); the cpu and jetson compile steps use it instead of a fresh calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, require
+
+QAT_TARGETS = ("cpu", "jetson")
+_TARGET_ALIASES = {"onnx": "cpu", "ort": "cpu", "onnxruntime": "cpu", "tensorrt": "jetson", "trt": "jetson"}
+
+
+def qat_target(name: str) -> str:
+    t = _TARGET_ALIASES.get(name, name)
+    if t not in QAT_TARGETS:
+        raise ConfigError(f"unknown QAT target {name!r}", f"choose one of: {', '.join(QAT_TARGETS)} (the tflite "
+                          "target compiles with LiteRT's own post-training quantization; it has no QAT form yet)")
+    return t
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware epochs after the float ones. ``epochs = 0``: none."""
+
+    epochs: int = 0
+    target: str = "cpu"
+    #: Adam's learning rate (gradients clipped to norm 1, cosine decay to 0 over the epochs)
+    lr: float = 3e-6
+    #: weight of the KL term towards the student's own float output (see the module docstring)
+    consistency: float = 1.0
+    #: keep the first convolution in float (as ``compile --first-conv-float``); the classifier is
+    #: always float, as in compile
+    first_conv_float: bool = True
+    batch_size: int = 32
+    #: cap on steps per epoch (None: the whole training split)
+    steps_per_epoch: int | None = None
+    calibration_size: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"QAT epochs must be >= 0, got {self.epochs}")
+        object.__setattr__(self, "target", qat_target(self.target))
+        if not self.lr > 0:
+            raise ConfigError(f"QAT learning rate must be > 0, got {self.lr}")
+        if self.consistency < 0:
+            raise ConfigError(f"QAT consistency weight must be >= 0, got {self.consistency}")
+        if self.batch_size < 1 or self.calibration_size < 1:
+            raise ConfigError("QAT batch size and calibration size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- BatchNorm folding
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, batchnorm) module names where the BatchNorm is the convolution's only consumer,
+    found by tracing the model with torch.fx."""
+    import torch.fx as fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"quantization-aware training needs a model torch.fx can trace ({type(exc).__name__}: {exc})",
+                          "use a torchvision ResNet or MobileNet student") from None
+    mods = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if (getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                and len(src.users) == 1):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """A copy of ``model`` (eval) with each BatchNorm folded into its convolution (which gains a
+    bias) and replaced by ``nn.Identity``; the same outputs to float rounding."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).float().eval()
+    pairs = conv_bn_pairs(model)
+    for conv, bn in pairs:
+        _set(model, conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(bn)))
+        _set(model, bn, nn.Identity())
+    return model, pairs
+
+
+# ---------------------------------------------------------------- NNCF quantizers
+
+def _nncf() -> Any:
+    # NNCF builds its CPU kernels once per machine (about 80 s on 2 cores, longer than NNCF's
+    # default 60 s limit); allow it the time rather than fail
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+    return require("nncf", extra="compress", purpose="quantization-aware training")
+
+
+def _ignored(model: nn.Module, first_conv_float: bool) -> tuple[list[str], list[str]]:
+    """Module names and types kept in float, as compile keeps them: the classifier (every Linear)
+    and optionally the first convolution."""
+    names = []
+    if first_conv_float:
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        names = convs[:1]
+    return names, ["linear"]
+
+
+def quantize_for_training(folded: nn.Module, target: str, calibration: torch.Tensor, *,
+                          first_conv_float: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Insert ``target``'s quantizers into the BatchNorm-folded ``folded`` (ranges initialised
+    from ``calibration``, an (N, C, H, W) batch). Returns the NNCF model and a record."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    names, types = _ignored(folded, first_conv_float)
+    # NNCF's torch node names for modules are their call paths; match by type/scope instead
+    scope_names = []
+    if names:
+        scope_names = [f"{names[0]}/conv2d/0"]
+    ignored = nncf.IgnoredScope(names=scope_names, types=types, validate=False)
+    preset = nncf.QuantizationPreset.PERFORMANCE
+    data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    from ..quiet import third_party_output
+
+    with third_party_output():
+        q = nncf.quantize(folded, data, preset=preset, subset_size=len(calibration), ignored_scope=ignored,
+                          advanced_parameters=AdvancedQuantizationParameters(
+                              disable_bias_correction=True, overflow_fix=OverflowFix.DISABLE,
+                              # compile's default estimator, so the starting point is compile's
+                              activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_MINMAX))
+    signed = 0
+    if target == "jetson":
+        signed = _make_signed(q)
+    return q, {"tool": "nncf", "nncf_version": nncf.__version__, "backend": "torch",
+               "preset": "performance",
+               "float_modules": names + ["type:" + t for t in types], "signed_activation_quantizers": signed}
+
+
+def _quantizers(q: nn.Module) -> list[tuple[str, nn.Module]]:
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    return [(n, m) for n, m in q.named_modules() if isinstance(m, BaseQuantizer)]
+
+
+def _make_signed(q: nn.Module) -> int:
+    """TensorRT's form: every per-tensor (activation) quantizer signed, same upper range."""
+    from nncf.torch.quantization.layers import SymmetricQuantizer
+
+    n = 0
+    for _, m in _quantizers(q):
+        if isinstance(m, SymmetricQuantizer) and not m.per_channel and not m.signed:
+            m.signed = True
+            n += 1
+    return n
+
+
+def freeze_ranges(q: nn.Module, frozen: bool = True) -> None:
+    for _, m in _quantizers(q):
+        for p in m.parameters():
+            p.requires_grad_(not frozen)
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class QatResult:
+    model: nn.Module          # the NNCF model (quantizers in place), eval mode
+    folded: nn.Module         # its float weights without quantizers (BatchNorm folded)
+    pairs: list[tuple[str, str]]
+    record: dict[str, Any]
+
+
+def train_qat(
+    model: nn.Module,
+    cfg: QatConfig,
+    *,
+    batches: Any,
+    n_train: int,
+    teacher_probs: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    hard_loss: Callable[[torch.Tensor, np.ndarray], torch.Tensor] | None,
+    calibration: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    val_inputs: np.ndarray | None = None,
+    reporter: Any = None,
+) -> QatResult:
+    """Quantization-aware fine-tuning of ``model`` (a float student) for ``cfg.epochs`` epochs.
+
+    ``batches.batch(idx, epoch)`` gives the training batch for indices ``idx``;
+    ``teacher_probs(x, idx)`` the teacher's probabilities for it; ``hard_loss(logits, idx)`` the
+    hard-label loss (None: distillation only). ``val_inputs``: where the simulated INT8 model's
+    top-1 agreement with the float model is measured before and after training (recorded).
+    Deterministic for a given seed on one machine."""
+    from ..progress import NullReporter
+    from .losses import distillation_kl
+
+    reporter = reporter or NullReporter()
+
+    torch.manual_seed(cfg.seed)
+    folded, pairs = fold_batchnorm(model)
+    reference = copy.deepcopy(folded).eval()  # NNCF adds its quantizers to ``folded`` itself
+    shadow = copy.deepcopy(folded).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    q, record = quantize_for_training(folded, cfg.target, calibration, first_conv_float=cfg.first_conv_float)
+    if val_inputs is not None:
+        record["val_agreement_before"] = simulated_agreement(q, reference, val_inputs)
+    # the quantizers' ranges stay where calibration put them (what compile would use); the
+    # weights learn. Measured on the tiny lossy model of tests/test_qat.py, learning the ranges too
+    # changed nothing there, and it needs a learning rate of its own per range's scale.
+    freeze_ranges(q)
+    weights = [p for p in q.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(weights, lr=cfg.lr)
+    steps = max(1, math.ceil(n_train / cfg.batch_size))
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
+    total = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
+    history = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        q.train()
+        for mod in q.modules():  # the float student's head has dropout: the INT8 form is fitted without it
+            if isinstance(mod, nn.Dropout):
+                mod.eval()
+        perm = np.random.default_rng([cfg.seed, epoch, 104729]).permutation(n_train)
+        running, seen = 0.0, 0
+        reporter.start(f"QAT ({cfg.target}) epoch {epoch + 1}/{cfg.epochs}", steps)
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            if len(idx) == 0:
+                break
+            x = batches.batch(idx, epoch).float().contiguous()
+            logits = q(x)
+            tp = teacher_probs(x, idx)
+            soft = distillation_kl(logits, tp, temperature)
+            loss = soft if (hard_loss is None or alpha >= 1.0) else alpha * soft + (1 - alpha) * hard_loss(logits, idx)
+            if cfg.consistency > 0:
+                with torch.no_grad():
+                    ref = torch.softmax(reference(x).float(), dim=1)
+                loss = loss + cfg.consistency * distillation_kl(logits, ref, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
+            opt.step()
+            sched.step()
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            reporter.advance(1)
+        reporter.stop()
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(seen, 1)}
+        q.eval()
+        if val_inputs is not None:
+            row["val_agreement"] = simulated_agreement(q, reference, val_inputs)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        history.append(row)
+        reporter.message(f"QAT epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}"
+                         + (f"  simulated INT8 agrees with the float student on {100 * row['val_agreement']:.2f}% "
+                            "of validation"
+                            if "val_agreement" in row else "") + f"  ({row['seconds']:.0f} s)")
+    q.eval()
+    record.update({"config": cfg.to_dict(), "history": history, "steps": total})
+    if history and "val_agreement" in history[-1]:
+        record["val_agreement_after"] = history[-1]["val_agreement"]
+    return QatResult(q, float_weights(q, shadow), pairs, record)
+
+
+def _probs(model: nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    out = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch])).to(dev)
+            out.append(torch.softmax(model(xb).float(), 1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def simulated_agreement(q: nn.Module, float_model: nn.Module, x: np.ndarray) -> float:
+    """Top-1 agreement of the simulated INT8 model ``q`` with ``float_model`` on ``x``."""
+    q.eval()
+    float_model.eval()
+    if len(x) == 0:
+        return float("nan")
+    return float(np.mean(_probs(q, x).argmax(1) == _probs(float_model, x).argmax(1)))
+
+
+def float_weights(q: nn.Module, folded_like: nn.Module) -> nn.Module:
+    """The quantized model's float weights in a copy of ``folded_like`` (no quantizers)."""
+    out = copy.deepcopy(folded_like).eval()
+    src = {k: v for k, v in q.state_dict().items()}
+    state = out.state_dict()
+    for k in state:
+        if k not in src:
+            raise ConfigError(f"internal: the NNCF model has no tensor {k}")
+        state[k] = src[k].detach().clone()
+    out.load_state_dict(state)
+    return out
+
+
+def export_qdq(q: nn.Module, path: str | os.PathLike, *, size: int, opset: int = 17) -> Path:
+    """The trained quantizers as a QDQ ONNX graph (input ``input``, output ``logits``): NNCF strips
+    its quantizers into torch's fake-quantize ops, which the ONNX exporter writes as
+    QuantizeLinear/DequantizeLinear pairs."""
+    nncf = _nncf()
+    from ..export import INPUT_NAME, OUTPUT_NAME
+    from ..fileio import atomic_path
+
+    example = torch.zeros(1, 3, size, size)
+    stripped = nncf.strip(q, do_copy=True, example_input=example).eval()
+    out = Path(path)
+    with atomic_path(out, suffix=".onnx") as tmp:
+        with torch.no_grad():
+            torch.onnx.export(stripped, (example,), str(tmp), opset_version=opset, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], do_constant_folding=True, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return out
+
+
+__all__ = ["QAT_TARGETS", "QatConfig", "QatResult", "conv_bn_pairs", "export_qdq", "float_weights",
+           "fold_batchnorm", "freeze_ranges", "quantize_for_training", "qat_target", "simulated_agreement", "train_qat"]

@@ -1,0 +1,193 @@
+"""Quantization-aware training (NNCF, torch backend): BatchNorm folding, QAT against post-training
+quantization on a tiny model where the latter is measurably lossy, and the distill -> compile path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("nncf")
+pytest.importorskip("onnxruntime")
+
+from edgeskin.errors import ConfigError  # noqa: E402
+from edgeskin.train.qat import (QatConfig, conv_bn_pairs, export_qdq, fold_batchnorm,  # noqa: E402
+                                simulated_agreement, train_qat)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_batchnorm_folding_keeps_the_outputs_and_finds_every_pair():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = _randomise_bn(resnet18(num_classes=7))
+    pairs = conv_bn_pairs(model)
+    assert len(pairs) == 20 and ("conv1", "bn1") in pairs and ("layer2.0.downsample.0", "layer2.0.downsample.1") in pairs
+    folded, _ = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the input is not changed
+
+
+def test_qat_config_refuses_bad_values():
+    with pytest.raises(ConfigError, match="tflite"):
+        QatConfig(epochs=1, target="tflite")
+    with pytest.raises(ConfigError):
+        QatConfig(epochs=-1)
+    assert QatConfig(target="tensorrt").target == "jetson"
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _ort_top1(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    from edgeskin.runtime.backends import OnnxRuntimeBackend
+
+    b = OnnxRuntimeBackend(model_bytes)
+    return np.concatenate([b.run(x[i : i + 100]) for i in range(0, len(x), 100)]).argmax(1)
+
+
+def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy_tiny_model(tmp_path):
+    """A tiny trained classifier whose second convolution has, in every output channel, one large
+    weight on an input channel that is always zero (a dead ReLU): the function is unchanged, but
+    per-channel INT8 weights then have a coarse grid, and compile's post-training quantization
+    loses agreement with FP32. Quantization-aware training moves the other weights on that grid.
+    Both INT8 graphs run in ONNX Runtime; agreement is with the same FP32 model, on held-out inputs."""
+    import onnx
+
+    from edgeskin.export import export_onnx
+    from edgeskin.quantize import QuantizeOptions, quantize_onnx
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(900, 3, 16, 16, generator=g)
+    w = torch.randn(7, 3, generator=g)
+    y = (x.abs().mean((2, 3)) @ w.T + 0.3 * torch.randn(900, 7, generator=g)).argmax(1)
+    train, held = x[:600], x[600:]
+    torch.manual_seed(0)
+    model = _Tiny()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        i = torch.randint(0, 600, (64,), generator=g)
+        model.train()
+        loss = nn.functional.cross_entropy(model(train[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        model.bn1.weight[0] = 0.0
+        model.bn1.bias[0] = -1.0  # channel 0 is dead after the ReLU
+        model.conv2.weight[:, 0, 1, 1] = 50 * model.conv2.weight.abs().amax()
+        fp32 = model(held).argmax(1).numpy()
+        teacher = torch.softmax(model(train), 1)
+
+    export_onnx(model, tmp_path / "fp32.onnx", size=16, check_inputs=held[:4].numpy())
+    ptq, _ = quantize_onnx(onnx.load(tmp_path / "fp32.onnx"), [train[i : i + 1].numpy() for i in range(200)],
+                           QuantizeOptions(first_conv_float=True))
+    ptq_agreement = float(np.mean(_ort_top1(ptq.SerializeToString(), held.numpy()) == fp32))
+
+    class Batches:
+        def batch(self, idx: np.ndarray, epoch: int) -> torch.Tensor:
+            return train[idx]
+
+    res = train_qat(model, QatConfig(epochs=8, lr=1e-4, batch_size=64), batches=Batches(), n_train=600,
+                    teacher_probs=lambda xb, idx: teacher[torch.from_numpy(idx)], hard_loss=None,
+                    calibration=train[:200], temperature=1.0, alpha=1.0, val_inputs=held.numpy())
+    # the starting point is compile's own post-training quantization
+    assert res.record["val_agreement_before"] == pytest.approx(ptq_agreement, abs=0.01)
+    path = export_qdq(res.model, tmp_path / "qat.onnx", size=16)
+    qat_top1 = _ort_top1(path.read_bytes(), held.numpy())
+    qat_agreement = float(np.mean(qat_top1 == fp32))
+    folded, _ = fold_batchnorm(model)
+    assert simulated_agreement(res.model, folded, held.numpy()) == pytest.approx(qat_agreement, abs=0.01)
+    assert ptq_agreement < 0.94, ptq_agreement  # post-training quantization is measurably lossy here
+    assert qat_agreement >= ptq_agreement + 0.03, (ptq_agreement, qat_agreement)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+
+
+def test_distill_with_qat_epochs_writes_the_int8_graph_that_compile_uses(tiny_ham, tmp_path):
+    from test_distill import _teacher_dir, _tiny_cfg
+
+    from edgeskin.budget import Budget
+    from edgeskin.calibration import make_calibration_set
+    from edgeskin.data import load_dataset, make_split
+    from edgeskin.errors import CheckpointError
+    from edgeskin.quantize import QuantizeOptions
+    from edgeskin.targets import get_target
+    from edgeskin.train import distill
+
+    teacher_dir = _teacher_dir(tmp_path)
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    cfg = _tiny_cfg(init="scratch", qat=QatConfig(epochs=1, target="cpu", steps_per_epoch=2, calibration_size=8))
+    out = tmp_path / "student"
+    res = distill(teacher_dir, cfg, dataset=ds, split=split, out_dir=out, report_split=None)
+    meta = json.loads(res.checkpoint.read_text())
+    rec = meta["qat"]["cpu"]
+    assert rec["student_sha256"] == meta["sha256"] and rec["steps"] >= 1
+    onnx_file = out / rec["onnx"]["file"]
+    assert onnx_file.is_file() and 0 <= rec["val_agreement_after"] <= 1
+    # the float phase has the digest of a distillation without QAT (the student is the same)
+    plain = _tiny_cfg(init="scratch")
+    assert "qat" not in plain.to_dict() and "qat" in cfg.to_dict()
+
+    again = distill(teacher_dir, cfg, dataset=ds, split=split, out_dir=out, report_split=None)
+    assert again.skipped and json.loads(res.checkpoint.read_text())["qat"]["cpu"] == rec
+
+    cal = make_calibration_set(ds, split, size=8, seed=0, force=True)
+    budget = Budget.for_compile()
+    same = QuantizeOptions(first_conv_float=True)  # the float layers the QAT graph was trained with
+    # other float layers than the QAT graph's: calibrated afresh
+    get_target("cpu").compile(out, precision="int8", dataset=ds, split=split, out=tmp_path / "p.edgeskin",
+                              calibration=cal, budget=budget, force=True)
+    assert json.loads((tmp_path / "p.edgeskin" / "manifest.json").read_text())["provenance"]["quantization"][
+        "mode"] == "post-training"
+    cpu = get_target("cpu").compile(out, precision="int8", dataset=ds, split=split, out=tmp_path / "c.edgeskin",
+                                    calibration=cal, budget=budget, force=True, quantize=same)
+    q = json.loads((tmp_path / "c.edgeskin" / "manifest.json").read_text())["provenance"]["quantization"]
+    assert q["mode"] == "quantization-aware" and q["qat"]["onnx"]["sha256"] == rec["onnx"]["sha256"]
+    assert cpu.manifest is not None
+    jet = tmp_path / "j.edgeskin"
+    get_target("jetson").compile(out, precision="int8", dataset=ds, split=split, out=jet, calibration=cal,
+                                 budget=budget, force=True, quantize=same)
+    assert json.loads((jet / "manifest.json").read_text())["provenance"]["quantization"]["mode"] == "post-training"
+
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match=onnx_file.name):
+        get_target("cpu").compile(out, precision="int8", dataset=ds, split=split, out=tmp_path / "d.edgeskin",
+                                  calibration=cal, budget=budget, force=True, quantize=same)
+    assert not (tmp_path / "d.edgeskin").exists()
