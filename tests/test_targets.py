@@ -437,3 +437,23 @@ def test_accuracy_controlled_int8_runs_nncf_accuracy_control(built, data, tmp_pa
     assert q["mode"] == "accuracy-control" and q["options"]["control_metric"] == metric
     assert q["options"]["max_drop"] == 0.01
     assert BundleReader(res.bundle).verify()
+
+
+def test_range_estimator_auto_keeps_the_candidate_that_agrees_most_on_val(built, data, tmp_path):
+    from edgeskin.quantize import AUTO_ESTIMATORS, QuantizeOptions, quantize_onnx
+
+    ds, split = data
+    res = get_target("cpu").compile(
+        built.model_dir, precision="int8", dataset=ds, split=split, out=tmp_path / "auto.edgeskin",
+        calibration=read_calibration_set(built.calib_file), force=True, threads=1,
+        quantize=QuantizeOptions(range_estimator="auto"))
+    q = res.manifest.provenance["quantization"]
+    search = q["range_estimator_search"]
+    assert [t["range_estimator"] for t in search["tried"]] == list(AUTO_ESTIMATORS)
+    best = max(t["val_agreement"] for t in search["tried"])
+    chosen = next(t for t in search["tried"] if t["range_estimator"] == search["chose"])
+    assert chosen["val_agreement"] == best and q["options"]["range_estimator"] == search["chose"]
+    # the bundle's own compile check is of the graph that was kept
+    assert res.check["top1_agreement"] == pytest.approx(best)
+    with pytest.raises(ConfigError, match="auto"):
+        quantize_onnx(None, [], QuantizeOptions(range_estimator="auto"))

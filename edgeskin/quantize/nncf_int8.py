@@ -20,7 +20,9 @@ from ..errors import ConfigError, require
 log = logging.getLogger(__name__)
 
 BIAS_CORRECTIONS = ("none", "fast", "full")
-RANGE_ESTIMATORS = ("mean_minmax", "minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile", "histogram")
+#: what ``range_estimator = "auto"`` tries, in order (ties keep the first)
+AUTO_ESTIMATORS = ("mean_minmax", "minmax")
+RANGE_ESTIMATORS = ("auto", "mean_minmax", "minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile", "histogram")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class QuantizeOptions:
     #: costs this model the most agreement of any single layer)
     first_conv_float: bool = False
     #: activation ranges; NNCF's own default is mean_minmax (mean over samples of each sample's
-    #: min/max), which is less hostage to rare outliers than the global minmax
+    #: min/max), which is less hostage to rare outliers than the global minmax. ``auto``: the
+    #: ONNX targets try :data:`AUTO_ESTIMATORS` and keep the best on the validation split
+    #: (measured: neither is better for every model; see benchmarks/results/int8_search.md)
     range_estimator: str = "mean_minmax"
     overflow_fix: str = "disable"
     #: accuracy-controlled mode: maximum drop (absolute, 0-1) of the validation metric
@@ -103,6 +107,9 @@ def quantize_onnx(
     them while ranking layers, so the metric must be computed on the items it is given. Returns the quantized model and a record of what was done.
     """
     nncf = require("nncf", extra="compress", purpose="INT8 quantization")
+    if options.range_estimator == "auto":
+        raise ConfigError("range_estimator auto is resolved by the compile step",
+                          "call quantize_onnx with one estimator, or compile with --range-estimator auto")
     from nncf.quantization.advanced_parameters import (AdvancedAccuracyRestorerParameters,
                                                        AdvancedQuantizationParameters, OverflowFix)
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet

@@ -126,7 +126,7 @@ class OnnxTarget(Target):
                     reporter.message(f"quantizing to INT8 with NNCF ({len(cal)} calibration images"
                                      + (f", accuracy control max drop {quantize.max_drop}"
                                         if quantize.max_drop is not None else "") + ")")
-                    proto, record = quantize_onnx(proto, cal, quantize, validation=validation)
+                    proto, record = self._calibrate(proto, cal, quantize, validation, prep, dev, threads, reporter)
                 if quantize.fallback_agreement is not None and learned is None:
                     from ..quantize import float_fallback
 
@@ -170,6 +170,44 @@ class OnnxTarget(Target):
             return res
         finally:
             prep.close()
+
+
+    def _calibrate(self, proto: Any, cal: list, quantize: QuantizeOptions, validation: Any, prep: Any, dev: Any,
+                   threads: int | None, reporter: Reporter) -> tuple[Any, dict[str, Any]]:
+        """NNCF post-training quantization. ``range_estimator = auto`` quantizes once per candidate
+        estimator (:data:`~edgeskin.quantize.AUTO_ESTIMATORS`) and keeps the graph whose final form
+        (after :meth:`finish`) agrees most with FP32 on the validation split (ties: the first);
+        every candidate's agreement is recorded."""
+        from dataclasses import replace
+
+        from ..quantize import AUTO_ESTIMATORS, quantize_onnx
+
+        if quantize.range_estimator != "auto":
+            return quantize_onnx(proto, cal, quantize, validation=validation)
+        from ..runtime.backends import OnnxRuntimeBackend
+
+        best: tuple[float, Any, dict[str, Any]] | None = None
+        tried = []
+        want = prep.fp32_probs.argmax(1)
+        for name in AUTO_ESTIMATORS:
+            reporter.update(f"INT8 with {name} activation ranges")
+            q, rec = quantize_onnx(proto, cal, replace(quantize, range_estimator=name), validation=validation)
+            final, _ = self.finish(q, "int8", rec, dev)
+            b = OnnxRuntimeBackend(final.SerializeToString(), threads=threads)
+            x = prep.val_inputs
+            got = np.concatenate([b.run(x[i : i + 32]) for i in range(0, len(x), 32)]).argmax(1) if len(x) else want
+            agree = float(np.mean(got == want)) if len(x) else float("nan")
+            tried.append({"range_estimator": name, "val_agreement": agree})
+            if best is None or agree > best[0]:
+                best = (agree, q, rec)
+        assert best is not None
+        record = best[2]
+        record["range_estimator_search"] = {"chose": record["options"]["range_estimator"], "tried": tried,
+                                            "on": "validation split, top-1 agreement with FP32"}
+        reporter.message("activation ranges: " + ", ".join(
+            f"{t['range_estimator']} {100 * t['val_agreement']:.2f}%" for t in tried)
+            + f" agreement on val; kept {record['options']['range_estimator']}")
+        return best[1], record
 
 
 class CpuTarget(OnnxTarget):

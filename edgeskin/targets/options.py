@@ -123,7 +123,8 @@ HELP: dict[str, str] = {
     "ignore": "Node name (or type:OpType) to keep in float. Repeatable.",
     "head_float": "Keep the classifier layer in float.",
     "range_estimator": "Activation ranges: mean_minmax (NNCF default) | minmax | median_minmax | "
-                       "mean_no_outliers_minmax | mean_quantile | histogram.",
+                       "mean_no_outliers_minmax | mean_quantile | histogram | auto (quantize with mean_minmax and "
+                       "with minmax, keep the one that agrees more with FP32 on val; about twice the time).",
     "max_drop_int8": "Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric "
                      "on val drops at most this (0-1).",
     "float_fallback": "Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val "
