@@ -191,3 +191,25 @@ def test_distill_with_qat_epochs_writes_the_int8_graph_that_compile_uses(tiny_ha
         get_target("cpu").compile(out, precision="int8", dataset=ds, split=split, out=tmp_path / "d.edgeskin",
                                   calibration=cal, budget=budget, force=True, quantize=same)
     assert not (tmp_path / "d.edgeskin").exists()
+
+
+def test_the_jetson_form_is_trained_in_tensorrts_signed_symmetric_int8(tmp_path):
+    """Activation quantizers signed with zero point 0 already while training, so the exported graph
+    is TensorRT's explicit-quantization form as it is (the jetson compile's converter changes no
+    activation quantizer) and passes the rules the jetson target checks."""
+    import onnx
+
+    from edgeskin.quantize.tensorrt import to_tensorrt_int8, validate_tensorrt_onnx
+    from edgeskin.train.qat import quantize_for_training
+
+    torch.manual_seed(0)
+    folded, _ = fold_batchnorm(_randomise_bn(_Tiny()))
+    x = torch.randn(32, 3, 16, 16)
+    q, rec = quantize_for_training(folded, "jetson", x)
+    assert rec["signed_activation_quantizers"] >= 3
+    path = export_qdq(q, tmp_path / "jetson.onnx", size=16)
+    proto = onnx.load(str(path))
+    converted, record = to_tensorrt_int8(proto)
+    assert record["quantizers_converted"] == 0, record
+    report = validate_tensorrt_onnx(converted, lint=False)
+    assert report.passed, [r.to_dict() for r in report.failures()]

@@ -364,7 +364,34 @@ def export_qdq(q: nn.Module, path: str | os.PathLike, *, size: int, opset: int =
             torch.onnx.export(stripped, (example,), str(tmp), opset_version=opset, input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], do_constant_folding=True, dynamo=False,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        _constants_to_initializers(tmp)
     return out
+
+
+def _constants_to_initializers(path: Path) -> None:
+    """The exporter writes scales and zero points as Constant nodes; compile's tools (the
+    TensorRT converter and its rule checks, as NNCF's own graphs) read them as initializers."""
+    import onnx
+
+    m = onnx.load(str(path))
+    known = {i.name: i for i in m.graph.initializer}
+    keep = []
+    for node in m.graph.node:  # topological order: an Identity's source is seen before it
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None and node.op_type == "Identity" and node.input[0] in known:
+            value = known[node.input[0]]  # the exporter's copy of a shared constant
+        if value is None:
+            keep.append(node)
+            continue
+        t = onnx.TensorProto()
+        t.CopyFrom(value)
+        t.name = node.output[0]
+        m.graph.initializer.append(t)
+        known[t.name] = t
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
 
 
 __all__ = ["QAT_TARGETS", "QatConfig", "QatResult", "conv_bn_pairs", "export_qdq", "float_weights",
