@@ -114,7 +114,6 @@ class OnnxTarget(Target):
                     validation = ([(i, prep.val_inputs[i : i + 1]) for i in range(len(prep.val_inputs))],
                                   _metric_fn(prep.val_labels, prep.labels.codes, threads,
                                              quantize.control_metric, prep.fp32_probs))
-                from ..quantize import quantize_onnx
                 from .prepare import qat_graph
 
                 learned = qat_graph(prep, self.name, quantize, reporter)
