@@ -276,6 +276,32 @@ def qat() -> tuple[Setting, ...]:
 
 
 @functools.lru_cache(maxsize=1)
+def qat_single() -> tuple[Setting, ...]:
+    """Settings of ``edgeskin qat`` (quantization-aware fine-tuning of one checkpoint): the
+    :func:`qat` settings under shorter flags, and what of :func:`training` / :func:`student` applies."""
+    from dataclasses import replace
+
+    by = {s.name: s for s in training() + student()}
+    q = {s.name: s for s in qat()}
+    return (
+        replace(q["qat_epochs"], default=1, lo=1, flags=("--epochs", "--qat-epochs"),
+                help="Quantization-aware epochs (NNCF) on the split's training images."),
+        replace(q["qat_target"], flags=("--target", "--qat-target")),
+        replace(q["qat_lr"], flags=("--lr", "--qat-lr")),
+        replace(q["qat_consistency"], flags=("--consistency", "--qat-consistency"),
+                help="Weight of the term that keeps the INT8 decisions on the checkpoint's own float ones."),
+        by["temperature"],
+        replace(by["alpha"], default=1.0, help="Weight of the distillation term (the teacher); 1 - alpha goes to "
+                "the hard-label loss (--loss, class-weighted as in training)."),
+        by["loss"],
+        replace(by["augment"], default=False, help="Augment training views (the teacher runs online on the same "
+                "view). Off (default): the teacher's outputs are computed once and cached beside the checkpoint."),
+        by["batch_size"], by["seed"], by["compute_device"], by["deterministic"], by["threads"],
+        by["steps_per_epoch"],
+    )
+
+
+@functools.lru_cache(maxsize=1)
 def bench_timing() -> tuple[Setting, ...]:
     """How ``edgeskin bench`` (and a recipe's ``[bench]``) times and runs the rows."""
     return (

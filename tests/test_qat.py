@@ -213,3 +213,60 @@ def test_the_jetson_form_is_trained_in_tensorrts_signed_symmetric_int8(tmp_path)
     assert record["quantizers_converted"] == 0, record
     report = validate_tensorrt_onnx(converted, lint=False)
     assert report.passed, [r.to_dict() for r in report.failures()]
+
+
+def test_qat_command_fine_tunes_one_checkpoint_for_compile_and_leaves_its_weights(tiny_ham, tmp_path):
+    """`edgeskin qat MEMBER.json`: the member's INT8 form for the target is trained (by default
+    with the member itself as teacher), its weights file is untouched, its JSON records the graph,
+    compile for that target uses it, a second run skips, and a folder is refused with a hint."""
+    from test_distill import _teacher_dir
+    from typer.testing import CliRunner
+
+    from edgeskin.budget import Budget
+    from edgeskin.calibration import make_calibration_set
+    from edgeskin.cli import app
+    from edgeskin.data import load_dataset, make_split, write_split
+    from edgeskin.errors import CheckpointError
+    from edgeskin.fileio import sha256_file
+    from edgeskin.quantize import QuantizeOptions
+    from edgeskin.targets import get_target
+
+    teacher_dir = _teacher_dir(tmp_path)
+    ds = load_dataset(tiny_ham)
+    split = make_split(ds, seed=0)
+    write_split(split, teacher_dir / "split.csv")  # the default --split: the checkpoint's folder
+    member = teacher_dir / "member0.json"
+    weights = teacher_dir / json.loads(member.read_text())["weights"]
+    before = sha256_file(weights)
+    args = ["qat", str(member), "--data", str(tiny_ham), "--target", "cpu", "--epochs", "1",
+            "--steps-per-epoch", "2", "--batch-size", "8", "--device", "cpu"]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    meta = json.loads(member.read_text())
+    rec = meta["qat"]["cpu"]
+    onnx_file = teacher_dir / rec["onnx"]["file"]
+    assert onnx_file.is_file() and sha256_file(onnx_file) == rec["onnx"]["sha256"]
+    assert rec["student_sha256"] == meta["sha256"] == before == sha256_file(weights)
+    assert rec["steps"] >= 1 and 0 <= rec["val_agreement_after"] <= 1
+    assert "INT8 graph for cpu" in r.output
+
+    again = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert again.exit_code == 0 and "already done" in again.output, again.output
+    assert json.loads(member.read_text())["qat"]["cpu"] == rec
+
+    # another teacher is another fine-tuning (the record's digest covers the teacher)
+    other = CliRunner().invoke(app, args + ["--teacher", str(teacher_dir)], catch_exceptions=False)
+    assert other.exit_code == 0 and "already done" not in other.output, other.output
+    assert json.loads(member.read_text())["qat"]["cpu"]["config_digest"] != rec["config_digest"]
+
+    cal = make_calibration_set(ds, split, size=8, seed=0, force=True)
+    get_target("cpu").compile(member, precision="int8", dataset=ds, split=split, out=tmp_path / "m.edgeskin",
+                              calibration=cal, budget=Budget.for_compile(), force=True,
+                              quantize=QuantizeOptions(first_conv_float=True))
+    q = json.loads((tmp_path / "m.edgeskin" / "manifest.json").read_text())["provenance"]["quantization"]
+    assert q["mode"] == "quantization-aware"
+    assert q["qat"]["onnx"]["sha256"] == json.loads(member.read_text())["qat"]["cpu"]["onnx"]["sha256"]
+
+    folder = CliRunner().invoke(app, ["qat", str(teacher_dir), "--data", str(tiny_ham)])
+    assert isinstance(folder.exception, CheckpointError) and "not one checkpoint" in str(folder.exception)
+    assert "member0.json" in folder.exception.hint

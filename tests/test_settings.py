@@ -44,9 +44,9 @@ def test_train_and_distill_flags_are_the_settings():
 
     cmd = typer.main.get_command(app)
     flags = {name: {o for p in cmd.commands[name].params for o in (*p.opts, *p.secondary_opts)}
-             for name in ("train", "distill", "bench")}
+             for name in ("train", "distill", "qat", "bench")}
     for name, groups in (("train", (S.training(), S.ensemble())), ("distill", (S.training(), S.student())),
-                         ("bench", (S.bench_timing(),))):
+                         ("qat", (S.qat_single(),)), ("bench", (S.bench_timing(),))):
         for s in S._names(groups):
             want = (s.flags or (f"--{s.name.replace('_', '-')}",))[0].split("/")[0]
             assert want in flags[name], (name, want)

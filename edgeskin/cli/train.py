@@ -142,6 +142,54 @@ def distill(
 
 
 @app.command()
+@command_options(build.qat_single())
+def qat(
+    checkpoint: Path = typer.Argument(..., help="One checkpoint's .json: an ensemble member (OUT/member0.json) or a distilled student (OUT/student.json)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="An ensemble to learn from (as in distill). Default: the checkpoint's own float model."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
+    split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: the checkpoint folder's split.csv."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and report) bad rows and images."),
+    settings: dict = None,  # type: ignore[assignment]  (the options of edgeskin.settings, filled in by command_options)
+) -> None:
+    """Fine-tune one checkpoint quantization-aware for a compile target, before `edgeskin compile`.
+
+    The same epochs as `distill --qat-epochs`, for a model that is already trained: its INT8 form
+    for --target is trained with NNCF on the split's training images, the teacher being --teacher
+    or the checkpoint's own float model. The checkpoint's weights stay as they are; the INT8 graph
+    goes beside it (NAME.qat-TARGET.onnx, recorded in NAME.json), and compile for that target uses it.
+    """
+    import json
+
+    from ..data import read_split
+    from ..models.arch import ARCHS
+    from ..train import qat_checkpoint
+
+    given = dict(settings)
+    try:
+        arch = json.loads(checkpoint.read_text()).get("arch") if checkpoint.suffix == ".json" else None
+    except (OSError, ValueError):
+        arch = None  # qat_checkpoint says what is wrong with the file
+    if arch in ARCHS:
+        given["arch"] = arch
+    cfg = build.distill_config(given)
+    build.apply_threads(settings)
+    compute = compute_for(settings)
+    ds = load_data(data, images, skip_bad)
+    s = read_split(split_for(split_file, checkpoint))
+    err.print(f"quantization-aware fine-tuning of {checkpoint} for {cfg.qat.target}: {cfg.qat.epochs} epoch(s), "
+              f"lr {cfg.qat.lr:g}, teacher {teacher or 'itself'}")
+    rec = qat_checkpoint(checkpoint, cfg, dataset=ds, split=s, teacher_path=teacher, reporter=reporter(),
+                         skip_bad=skip_bad, compute=compute)
+    onnx_file = checkpoint.with_name(rec["onnx"]["file"]) if rec.get("onnx") else None
+    line = f"INT8 graph for {cfg.qat.target}: {onnx_file}"
+    if "val_agreement_after" in rec:
+        line += (f" (simulated top-1 agreement with the float model on validation: "
+                 f"{100 * rec['val_agreement_before']:.2f}% before, {100 * rec['val_agreement_after']:.2f}% after)")
+    out.print(line)
+
+
+@app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="Ensemble folder (or one member's .json)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set. Default: $EDGESKIN_DATA."),

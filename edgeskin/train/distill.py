@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -538,6 +539,76 @@ def distill(
     _barrier()
     return DistillResult(res.checkpoint, res.best_epoch, res.best_score, initialisation,
                          None if cache is None else str(cache.path), report, res.skipped, res.history)
+
+
+def qat_checkpoint(
+    checkpoint: str | os.PathLike,
+    cfg: DistillConfig,
+    *,
+    dataset: Dataset,
+    split: Split,
+    teacher_path: str | os.PathLike | None = None,
+    reporter: Reporter | None = None,
+    skip_bad: bool = False,
+    compute: Compute | None = None,
+) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of one trained checkpoint (``edgeskin qat``): an ensemble
+    member, a distilled student, any edgeskin checkpoint, for the compile target ``cfg.qat.target``.
+
+    The same epochs as ``distill --qat-epochs`` (:func:`qat_phase`), on the split's training
+    images. The teacher is the ensemble at ``teacher_path``, or by default the checkpoint's own
+    float model (the INT8 form learns to keep the float model's decisions). The checkpoint's
+    weights are not changed: the trained INT8 graph is written beside it
+    (``NAME.qat-TARGET.onnx``) and recorded, with its hash, in the checkpoint's JSON, where
+    ``compile`` for that target finds it. Re-running with the same settings skips the work.
+    Returns the record."""
+    from ..models.checkpoint import load_checkpoint
+
+    reporter = reporter or NullReporter()
+    if cfg.qat.epochs < 1:
+        raise ConfigError("quantization-aware fine-tuning needs at least one epoch", "pass --epochs 1 or more")
+    meta_path = Path(checkpoint)
+    if meta_path.is_dir():
+        raise CheckpointError(f"{checkpoint}: a folder, not one checkpoint",
+                              "name one member's .json (e.g. ensemble/member0.json) or the student's student.json")
+    ckpt = load_checkpoint(meta_path)  # a clear error for anything that is not an edgeskin checkpoint
+    meta_path = ckpt.path
+    compute = compute or default_compute(cfg.train)
+    labels, pre = ckpt.labels, ckpt.preprocess
+    members = load_ensemble(Path(teacher_path)) if teacher_path is not None else [ckpt]
+    for m in members:
+        if list(m.labels.codes) != list(labels.codes):
+            raise CheckpointError(f"{teacher_path}: its classes {list(m.labels.codes)} are not {meta_path.name}'s "
+                                  f"{list(labels.codes)}", "use a teacher with the checkpoint's classes")
+    teacher = Teacher(members, compute=compute, view=pre)
+    train_set, train_arrays = decode_with_progress(split.apply(dataset, "train"), pre, what="training",
+                                                   reporter=reporter, skip_bad=skip_bad)
+    _, val_x, _ = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
+                                reporter=reporter, skip_bad=skip_bad)
+    if not train_arrays:
+        raise ConfigError(f"{split.source or 'the split'}: no training images", "quantization-aware "
+                          "fine-tuning trains on the split's training images; check --split and --data")
+    cache_probs = None
+    if cfg.train.augment is None:
+        cache = cached_teacher_probs(teacher, train_arrays, pre, meta_path.parent / ".teacher-cache",
+                                     batch_size=cfg.train.eval_batch_size, reporter=reporter)
+        cache_probs = torch.from_numpy(cache.probs).to(compute.device)
+    train_y = labels_of(train_set, labels)
+    counts = np.bincount(train_y, minlength=labels.num_classes)
+    weights = class_weights(counts) if cfg.train.loss in ("wce", "focal") else None
+    hard = make_loss(cfg.train.loss, weights, gamma=cfg.train.focal_gamma).to(compute.device)
+    ys = torch.from_numpy(np.asarray(train_y)).to(compute.device)
+    who = "itself (its float model)" if teacher_path is None else f"the ensemble {display(teacher_path)}"
+    reporter.message(f"{meta_path.stem}: teacher {who}")
+
+    record = qat_phase(SimpleNamespace(checkpoint=meta_path), cfg, digest=cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
+                       labels=labels, pre=pre, compute=compute,
+                       teacher_probs=lambda x, idx: (cache_probs[torch.from_numpy(idx).to(cache_probs.device)]
+                                                     if cache_probs is not None else teacher.probs(x)),
+                       hard_loss=lambda logits, idx: hard(logits.float(), ys[torch.from_numpy(idx).to(ys.device)]),
+                       reporter=reporter)
+    teacher.release()
+    return record
 
 
 def qat_file(checkpoint: Path, target: str) -> Path:
