@@ -28,7 +28,7 @@ rec 04-evaluate     $E evaluate $Q/ensemble --on test
 rec 05-calib        $E calib make --split $Q/split.csv --size 512 --seed 0 --out-dir "$W/calibration"
 rec 06-targets      $E targets
 rec 07-devices      $E devices
-rec 08-compile      $E compile $Q/student --target cpu --precision int8 --first-conv-float --calib "$CAL" --out "$W/student-int8.edgeskin"
+rec 08-compile      $E compile $Q/student --target cpu --precision int8 --first-conv-float --range-estimator auto --calib "$CAL" --out "$W/student-int8.edgeskin"
 rec 09-verify       $E bundle verify $Q/bundles/jetson-int8.edgeskin
 rec 10-selftest     $E selftest $Q/bundles/tflite-int8.edgeskin
 rec 11-predict      $E predict "$W/lesions" --bundle $Q/bundles/cpu-int8.edgeskin --top-k 3
@@ -36,7 +36,7 @@ rec 12-predict-json $E predict "$W/lesions/$(ls "$W/lesions" | head -1)" --bundl
 rec 13-engine       $E engine build $Q/bundles/jetson-int8.edgeskin
 rec 14-dry-run      $E run recipes/quick.toml --dry-run --redo compile
 rec 15-distill      $E distill --teacher $Q/ensemble --out $Q/student --student resnet18 --epochs 6 --lr 0.001 --no-augment --report-on none --latency-runs 0
-rec 16-compile-jetson $E compile $Q/student --target jetson --device orin-nx --jetpack 5.1 --precision int8 --first-conv-float --calib "$CAL" --out "$W/student-trt.edgeskin"
+rec 16-compile-jetson $E compile $Q/student --target jetson --device orin-nx --jetpack 5.1 --precision int8 --first-conv-float --range-estimator auto --calib "$CAL" --out "$W/student-trt.edgeskin"
 rec 17-compile-phone  $E compile $Q/student --target android --precision int8 --first-conv-float --calib "$CAL" --out "$W/student-phone.edgeskin"
 COLUMNS=100 rec 18-bench $E bench --reference $Q/bench/reference-test.npz --bundle $Q/bundles/cpu-int8.edgeskin --bundle $Q/bundles/tflite-int8.edgeskin --device generic-cpu --against student --out "$W/bench"
 rm -rf "$W"
