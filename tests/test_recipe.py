@@ -105,16 +105,21 @@ def test_tiny_recipe_interrupted_resumes_then_skips_everything(recipe_dir):
     #    the process instead of raising KeyboardInterrupt, which would make this test a coin toss)
     log = recipe_dir / "first-run.log"
     with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the child
+        # SIGINT back to its default in the child: a test run started in the background by a
+        # non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler, so every Ctrl-C below would be lost (measured: the run went on
+        # to exit 0 through 20 of them)
         proc = subprocess.Popen([sys.executable, "-m", "edgeskin", "run", str(recipe_dir / "tiny.toml")], cwd=REPO,
-                                env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+                                env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             if _state(out).get("student", {}).get("status") == "running":
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be interrupted:\n" + log.read_text()
-        # one Ctrl-C was lost once under a loaded CI host (the run went on and ended 0; not yet
-        # explained): press it again every 2 s, as a user would, until the run stops
+        # press Ctrl-C again every 2 s, as a user would, until the run stops (one was lost once under
+        # a loaded CI host before the SIGINT reset above)
         for _ in range(150):
             proc.send_signal(signal.SIGINT)
             try:
