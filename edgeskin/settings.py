@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, List, Mapping, Optional
 
 from .errors import ConfigError
@@ -279,8 +279,6 @@ def qat() -> tuple[Setting, ...]:
 def qat_single() -> tuple[Setting, ...]:
     """Settings of ``edgeskin qat`` (quantization-aware fine-tuning of one checkpoint): the
     :func:`qat` settings under shorter flags, and what of :func:`training` / :func:`student` applies."""
-    from dataclasses import replace
-
     by = {s.name: s for s in training() + student()}
     q = {s.name: s for s in qat()}
     return (

@@ -159,20 +159,10 @@ def qat(
     or the checkpoint's own float model. The checkpoint's weights stay as they are; the INT8 graph
     goes beside it (NAME.qat-TARGET.onnx, recorded in NAME.json), and compile for that target uses it.
     """
-    import json
-
     from ..data import read_split
-    from ..models.arch import ARCHS
     from ..train import qat_checkpoint
 
-    given = dict(settings)
-    try:
-        arch = json.loads(checkpoint.read_text()).get("arch") if checkpoint.suffix == ".json" else None
-    except (OSError, ValueError):
-        arch = None  # qat_checkpoint says what is wrong with the file
-    if arch in ARCHS:
-        given["arch"] = arch
-    cfg = build.distill_config(given)
+    cfg = build.distill_config(settings)  # of it: the qat settings, the loss and the batches' settings
     build.apply_threads(settings)
     compute = compute_for(settings)
     ds = load_data(data, images, skip_bad)

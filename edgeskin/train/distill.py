@@ -16,7 +16,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -406,6 +405,25 @@ class DistillResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def hard_label_loss(t: TrainConfig, train_y: np.ndarray, labels: LabelSet,
+                    device: Any) -> tuple[nn.Module, np.ndarray | None]:
+    """The hard-label loss of ``t.loss`` (class-weighted from the training counts for wce and
+    focal) and the weights (None: unweighted)."""
+    counts = np.bincount(train_y, minlength=labels.num_classes)
+    weights = class_weights(counts) if t.loss in ("wce", "focal") else None
+    return make_loss(t.loss, weights, gamma=t.focal_gamma).to(device), weights
+
+
+def _qat_losses(cache_probs: torch.Tensor | None, teacher: Teacher, hard: nn.Module, train_y: np.ndarray,
+                device: Any) -> dict[str, Any]:
+    """The ``teacher_probs`` and ``hard_loss`` callables of :func:`qat_phase`: the cached teacher
+    outputs where there are some (else the teacher online), and the hard loss by image index."""
+    ys = torch.from_numpy(np.asarray(train_y)).to(device)
+    return {"teacher_probs": lambda x, idx: (cache_probs[torch.from_numpy(idx).to(cache_probs.device)]
+                                             if cache_probs is not None else teacher.probs(x)),
+            "hard_loss": lambda logits, idx: hard(logits.float(), ys[torch.from_numpy(idx).to(ys.device)])}
+
+
 def distill(
     teacher_path: str | os.PathLike,
     cfg: DistillConfig,
@@ -476,8 +494,7 @@ def distill(
                                          batch_size=t.eval_batch_size)
 
     counts = np.bincount(train_y, minlength=labels.num_classes)
-    weights = class_weights(counts) if t.loss in ("wce", "focal") else None
-    hard = make_loss(t.loss, weights, gamma=t.focal_gamma).to(compute.device)
+    hard, weights = hard_label_loss(t, train_y, labels, compute.device)
     cache_probs = None if cache is None else torch.from_numpy(cache.probs).to(compute.device)
 
     def criterion(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -511,13 +528,9 @@ def distill(
               recipe=recipe, reporter=reporter, extra={"teacher": teacher_record},
               digest=float_cfg.digest(teacher.digest), compute=compute, pretrained_sha256=init_sha)
     if run_cfg.qat.epochs > 0:
-        ys = torch.from_numpy(np.asarray(train_y)).to(compute.device)
-        qat_phase(res, run_cfg, digest=run_cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
-                  labels=labels, pre=pre, compute=compute,
-                  teacher_probs=lambda x, idx: (cache_probs[torch.from_numpy(idx).to(cache_probs.device)]
-                                                if cache_probs is not None else teacher.probs(x)),
-                  hard_loss=lambda logits, idx: hard(logits.float(), ys[torch.from_numpy(idx).to(ys.device)]),
-                  reporter=reporter)
+        qat_phase(res.checkpoint, run_cfg, digest=run_cfg.digest(teacher.digest), train_arrays=train_arrays,
+                  val_x=val_x, labels=labels, pre=pre, compute=compute, reporter=reporter,
+                  **_qat_losses(cache_probs, teacher, hard, train_y, compute.device))
 
     report = None
     report_path = out / "report.json"
@@ -594,19 +607,13 @@ def qat_checkpoint(
                                      batch_size=cfg.train.eval_batch_size, reporter=reporter)
         cache_probs = torch.from_numpy(cache.probs).to(compute.device)
     train_y = labels_of(train_set, labels)
-    counts = np.bincount(train_y, minlength=labels.num_classes)
-    weights = class_weights(counts) if cfg.train.loss in ("wce", "focal") else None
-    hard = make_loss(cfg.train.loss, weights, gamma=cfg.train.focal_gamma).to(compute.device)
-    ys = torch.from_numpy(np.asarray(train_y)).to(compute.device)
+    hard, _ = hard_label_loss(cfg.train, train_y, labels, compute.device)
     who = "itself (its float model)" if teacher_path is None else f"the ensemble {display(teacher_path)}"
     reporter.message(f"{meta_path.stem}: teacher {who}")
 
-    record = qat_phase(SimpleNamespace(checkpoint=meta_path), cfg, digest=cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
-                       labels=labels, pre=pre, compute=compute,
-                       teacher_probs=lambda x, idx: (cache_probs[torch.from_numpy(idx).to(cache_probs.device)]
-                                                     if cache_probs is not None else teacher.probs(x)),
-                       hard_loss=lambda logits, idx: hard(logits.float(), ys[torch.from_numpy(idx).to(ys.device)]),
-                       reporter=reporter)
+    record = qat_phase(meta_path, cfg, digest=cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
+                       labels=labels, pre=pre, compute=compute, reporter=reporter,
+                       **_qat_losses(cache_probs, teacher, hard, train_y, compute.device))
     teacher.release()
     return record
 
@@ -616,7 +623,7 @@ def qat_file(checkpoint: Path, target: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.name.removesuffix('.json')}.qat-{target}.onnx")
 
 
-def qat_phase(float_res: Any, cfg: DistillConfig, *, digest: str, train_arrays: Sequence[np.ndarray],
+def qat_phase(checkpoint: Path, cfg: DistillConfig, *, digest: str, train_arrays: Sequence[np.ndarray],
               val_x: np.ndarray, labels: LabelSet, pre: PreprocessConfig, compute: Compute,
               teacher_probs: Any, hard_loss: Any, reporter: Reporter) -> dict[str, Any]:
     """The quantization-aware epochs after the float ones (:mod:`edgeskin.train.qat`).
@@ -633,7 +640,7 @@ def qat_phase(float_res: Any, cfg: DistillConfig, *, digest: str, train_arrays: 
     from .qat import export_qdq, train_qat
 
     q = cfg.qat
-    meta_path = Path(float_res.checkpoint)
+    meta_path = Path(checkpoint)
     meta = json.loads(meta_path.read_text())
     onnx_path = qat_file(meta_path, q.target)
     done = (meta.get("qat") or {}).get(q.target)
