@@ -272,6 +272,9 @@ def qat() -> tuple[Setting, ...]:
                 lo=1e-9, hi=1.0),
         Setting("qat_consistency", float, 1.0, "Weight of the term that keeps the INT8 decisions on the float "
                 "student's own (0: the ensemble and the labels only).", lo=0.0, hi=100.0),
+        Setting("qat_agreement", float, 0.0, "Weight of the cross-entropy that pulls the INT8 logits towards the "
+                "float student's own top-1 decision on each view (what the agreement budget measures). 0: off.",
+                lo=0.0, hi=100.0),
     )
 
 
@@ -288,6 +291,8 @@ def qat_single() -> tuple[Setting, ...]:
         replace(q["qat_lr"], flags=("--lr", "--qat-lr")),
         replace(q["qat_consistency"], flags=("--consistency", "--qat-consistency"),
                 help="Weight of the term that keeps the INT8 decisions on the checkpoint's own float ones."),
+        replace(q["qat_agreement"], flags=("--agreement", "--qat-agreement"),
+                help="Weight of the cross-entropy towards the checkpoint's own float top-1 decision. 0: off."),
         by["temperature"],
         replace(by["alpha"], default=1.0, help="Weight of the distillation term (the teacher); 1 - alpha goes to "
                 "the hard-label loss (--loss, class-weighted as in training)."),
@@ -379,7 +384,8 @@ def distill_config(given: Mapping[str, Any], *, where: str = CLI):  # noqa: ANN2
     v = values((training(), student()), given, where)
     train = train_config(given, student_run=True, where=where)
     q = QatConfig(epochs=int(v["qat_epochs"]), target=str(v["qat_target"]), lr=float(v["qat_lr"]),
-                  consistency=float(v["qat_consistency"]), seed=int(v["seed"]), batch_size=train.batch_size,
+                  consistency=float(v["qat_consistency"]), agreement=float(v["qat_agreement"]),
+                  seed=int(v["seed"]), batch_size=train.batch_size,
                   steps_per_epoch=train.steps_per_epoch)
     return DistillConfig(train=train, temperature=float(v["temperature"]),
                          alpha=float(v["alpha"]), init=str(v["init"]), member=v["member"],

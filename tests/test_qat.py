@@ -51,6 +51,11 @@ def test_qat_config_refuses_bad_values():
     with pytest.raises(ConfigError):
         QatConfig(epochs=-1)
     assert QatConfig(target="tensorrt").target == "jetson"
+    with pytest.raises(ConfigError, match="agreement"):
+        QatConfig(epochs=1, agreement=-0.5)
+    # the agreement term is off by default and then leaves the settings (and the digest) as before
+    assert "agreement" not in QatConfig(epochs=1).to_dict()
+    assert QatConfig(epochs=1, agreement=1.0).to_dict()["agreement"] == 1.0
 
 
 class _Tiny(nn.Module):
