@@ -51,8 +51,10 @@ def _run(cmd: list[str], log: Path) -> float:
 def _compile(student: Path, target: str, calib: Path, out: Path, log: Path, *extra: str) -> dict:
     cmd = [*_edgeskin(), "compile", str(student), "--target", target, "--precision", "int8", "--calib", str(calib),
            "--first-conv-float", "--force", "--overwrite", "--out", str(out), *extra]
+    from edgeskin.bundle import BundleReader
+
     secs = _run(cmd, log)
-    acc = json.loads((out / "manifest.json").read_text())["accuracy"]
+    acc = BundleReader(out).manifest.accuracy
     return {"agreement": acc["top1_agreement"], "flips": round((1 - acc["top1_agreement"]) * acc["n"]),
             "n": acc["n"], "drops_points": acc["drops_points"], "passed": acc["passed"], "seconds": round(secs)}
 
@@ -68,6 +70,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/qat-sweep"))
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/qat_sweep"))
     a = ap.parse_args()
+    from edgeskin.fileio import atomic_write_bytes, write_json
+
     os.environ.setdefault("EDGESKIN_DATA", "../shared/data/ham10000")
     a.out.mkdir(parents=True, exist_ok=True)
     log = a.out / "log.txt"
@@ -86,7 +90,7 @@ def main() -> None:
         shutil.copytree(a.student, copy, ignore=shutil.ignore_patterns("*.qat-*.onnx"))
         meta = json.loads((copy / "student.json").read_text())
         meta.pop("qat", None)  # a fresh copy: no earlier QAT record
-        (copy / "student.json").write_text(json.dumps(meta, indent=1))
+        write_json(copy / "student.json", meta)
         secs = _run([*_edgeskin(), "qat", str(copy / "student.json"), "--target", a.target, "--epochs", str(a.epochs),
                      "--lr", kv.get("lr", "3e-6"), "--consistency", kv.get("consistency", "1"),
                      "--agreement", kv.get("agreement", "0"),
@@ -100,7 +104,7 @@ def main() -> None:
     record = {"student": str(a.student), "target": a.target, "epochs": a.epochs, "rows": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(a.results.with_suffix(".json"), record)
     n = rows[0]["n"]
     lines = [f"# Quantization-aware fine-tuning vs post-training INT8 ({a.target}), validation split",
              "", f"Student `{a.student}`; {n} validation images; agreement = top-1 agreement of the compiled "
@@ -116,7 +120,7 @@ def main() -> None:
                      f"{d.get('top1') or 0:+.2f} | {d.get('balanced') or 0:+.2f} | {sim} | "
                      f"{r.get('qat_seconds', '-')} |")
     lines += ["", f"Machine: {os.cpu_count()} CPUs, {platform.platform()}.", ""]
-    a.results.with_suffix(".md").write_text("\n".join(lines))
+    atomic_write_bytes(a.results.with_suffix(".md"), "\n".join(lines).encode())
     print("\n".join(lines))
 
 

@@ -21,18 +21,19 @@ py=${PYTHON:-.venv/bin/python}
 es=(${EDGESKIN:-.venv/bin/edgeskin})
 out=runs/int8/$name
 mkdir -p "$out/new" "$out/old"
-budget=(--max-drop top1=0.5,balanced=1.5,mel_recall=2.0 --min-agreement 0.97 --force --overwrite)
+# compile's default budget is the quick recipe's (edgeskin/budget.py COMPILE_DEFAULTS)
+write=(--force --overwrite)
 common=(--precision int8 --split "$split" --calib "$calib" --first-conv-float --qat off)
 for t in cpu jetson; do
   "${es[@]}" compile "$student" --target $t "${common[@]}" --range-estimator auto --bias-correction none \
-    "${budget[@]}" --out "$out/new/$t-int8.edgeskin"
+    "${write[@]}" --out "$out/new/$t-int8.edgeskin"
   "${es[@]}" compile "$student" --target $t "${common[@]}" --range-estimator mean_minmax --bias-correction fast \
-    "${budget[@]}" --out "$out/old/$t-int8.edgeskin"
+    "${write[@]}" --out "$out/old/$t-int8.edgeskin"
 done
 # tflite: unchanged by issue 15 (litert-torch's quantizer; no bias correction), so no old bundle:
 # its latency row is left out rather than timed against a copy of itself.
 "${es[@]}" compile "$student" --target tflite --precision int8 --split "$split" --calib "$calib" \
-  --first-conv-float "${budget[@]}" --out "$out/new/tflite-int8.edgeskin"
+  --first-conv-float "${write[@]}" --out "$out/new/tflite-int8.edgeskin"
 for b in "$out"/new/*.edgeskin; do
   "${es[@]}" bundle show "$b" | grep -i -E "forced|agreement" || true
 done
