@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3", help="calibration draws")
     ap.add_argument("--estimator", default="minmax", help="NNCF activation range estimator")
     ap.add_argument("--per-quantizer", action="store_true", help="attribute the noise to each quantizer (seed 1 of --seeds)")
+    ap.add_argument("--member", help="one member of an ensemble folder (by name)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_noise.json"))
     a = ap.parse_args()
@@ -57,7 +58,6 @@ def main() -> None:
 
     from edgeskin.data import load_dataset, load_eval_set, read_split
     from edgeskin.fileio import write_json
-    from edgeskin.models import load_ensemble
     from edgeskin.quantize import QuantizeOptions, quantize_onnx
     from edgeskin.quantize.fallback import activation_pairs, remove_pairs
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
@@ -68,9 +68,8 @@ def main() -> None:
     split_path = a.split or a.run / "split.csv"
     ds = load_dataset(a.data)
     split = read_split(split_path)
-    prep = prepare(model, dataset=ds, split=split, opset=17, threads=a.threads)
-    (ck,) = load_ensemble(model)
-    _, xt, _ = load_eval_set(split.apply(ds, "train"), ck.preprocess, ck.labels, what="training")
+    prep = prepare(model, member=a.member, dataset=ds, split=split, opset=17, threads=a.threads)
+    _, xt, _ = load_eval_set(split.apply(ds, "train"), prep.preprocess, prep.labels, what="training")
     base = onnx.load(prep.onnx_path)
 
     def logits(proto, x: np.ndarray) -> np.ndarray:  # noqa: ANN001

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--split", type=Path, default=Path("runs/quick/split.csv"))
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", "../shared/data/ham10000")))
     ap.add_argument("--images", type=int, default=400, help="held-out training images to run")
+    ap.add_argument("--member", help="one member of an ensemble folder (by name)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_outliers.json"))
     a = ap.parse_args()
@@ -43,16 +44,14 @@ def main() -> None:
 
     from edgeskin.data import load_dataset, load_eval_set, read_split
     from edgeskin.fileio import write_json
-    from edgeskin.models import load_ensemble
     from edgeskin.quantize import QuantizeOptions, quantize_onnx
     from edgeskin.quantize.fallback import activation_pairs
     from edgeskin.targets.prepare import prepare
 
     ds = load_dataset(a.data)
     split = read_split(a.split)
-    prep = prepare(a.model, dataset=ds, split=split, opset=17, threads=a.threads)
-    (ck,) = load_ensemble(a.model)
-    _, xt, _ = load_eval_set(split.apply(ds, "train"), ck.preprocess, ck.labels, what="training")
+    prep = prepare(a.model, member=a.member, dataset=ds, split=split, opset=17, threads=a.threads)
+    _, xt, _ = load_eval_set(split.apply(ds, "train"), prep.preprocess, prep.labels, what="training")
     # the same halves as benchmarks/int8_noise.py: calibrate on one, look at the other
     perm = np.random.default_rng(12345).permutation(len(xt))
     pool, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
