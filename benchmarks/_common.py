@@ -25,9 +25,14 @@ def default_model() -> Path:
     return Path(os.path.relpath(STUDENT)) if (STUDENT / "student.json").is_file() else REF
 
 
+def data_arg(ap: argparse.ArgumentParser) -> None:
+    """--data: $EDGESKIN_DATA, else the shared HAM10000 folder."""
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
+
+
 def model_args(ap: argparse.ArgumentParser) -> None:
     """--data, --model, --member, --split, --calib with the shared defaults."""
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
+    data_arg(ap)
     ap.add_argument("--model", type=Path, default=default_model())
     ap.add_argument("--member", default=None)
     ap.add_argument("--split", type=Path, default=REF / "split.csv")
@@ -42,6 +47,32 @@ def best_reference_member(model: Path, member: str | None = None) -> str | None:
     from edgeskin.metrics import best_member
 
     return best_member({Path(m["file"]).stem: float(m["best_val_balanced_accuracy"]) for m in cfg["members"]})
+
+
+def training_halves(model: Path, split_path: Path, data: Path, *, member: str | None = None,
+                    threads: int = 2) -> tuple[Any, Any, Any, Any]:
+    """(prepared FP32 model, its training images, calibration half, measurement half): the INT8
+    studies (int8_noise.py, int8_outliers.py) draw calibration images from one fixed half of the
+    training split and measure on the other, so no image is both and the test split is not read."""
+    import numpy as np
+
+    from edgeskin.data import load_dataset, load_eval_set, read_split
+    from edgeskin.targets.prepare import prepare
+
+    ds = load_dataset(data)
+    split = read_split(split_path)
+    prep = prepare(model, member=member, dataset=ds, split=split, opset=17, threads=threads)
+    _, xt, _ = load_eval_set(split.apply(ds, "train"), prep.preprocess, prep.labels, what="training")
+    perm = np.random.default_rng(12345).permutation(len(xt))
+    return prep, xt, perm[: len(perm) // 2], perm[len(perm) // 2 :]
+
+
+def recipe_ptq_options(estimator: str) -> Any:
+    """The quick recipe's post-training settings the INT8 studies hold fixed: first convolution and
+    classifier in float, no bias correction; only the activation range estimator varies."""
+    from edgeskin.quantize import QuantizeOptions
+
+    return QuantizeOptions(first_conv_float=True, bias_correction="none", range_estimator=estimator)
 
 
 def calibration_file(calib: Path | None) -> Path:

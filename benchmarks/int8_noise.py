@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import data_arg, recipe_ptq_options, training_halves
 
 #: margin band that estimates the density near zero (logit units)
 BAND = 0.05
@@ -45,10 +46,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/quick"))
     ap.add_argument("--model", type=Path, help="a student directory (default: RUN/student)")
     ap.add_argument("--split", type=Path, help="default: RUN/split.csv")
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", "../shared/data/ham10000")))
+    data_arg(ap)
     ap.add_argument("--seeds", default="0,1,2,3", help="calibration draws")
     ap.add_argument("--estimator", default="minmax", help="NNCF activation range estimator")
-    ap.add_argument("--per-quantizer", action="store_true", help="attribute the noise to each quantizer (seed 1 of --seeds)")
+    ap.add_argument("--per-quantizer", action="store_true", help="attribute the noise to each quantizer (the first of --seeds)")
     ap.add_argument("--member", help="one member of an ensemble folder (by name)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_noise.json"))
@@ -56,28 +57,21 @@ def main() -> None:
 
     import onnx
 
-    from edgeskin.data import load_dataset, load_eval_set, read_split
     from edgeskin.fileio import write_json
-    from edgeskin.quantize import QuantizeOptions, quantize_onnx
+    from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.fallback import activation_pairs, remove_pairs
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
     from edgeskin.runtime.backends import OnnxRuntimeBackend
-    from edgeskin.targets.prepare import prepare
 
     model = a.model or a.run / "student"
     split_path = a.split or a.run / "split.csv"
-    ds = load_dataset(a.data)
-    split = read_split(split_path)
-    prep = prepare(model, member=a.member, dataset=ds, split=split, opset=17, threads=a.threads)
-    _, xt, _ = load_eval_set(split.apply(ds, "train"), prep.preprocess, prep.labels, what="training")
+    prep, xt, pool, held = training_halves(model, split_path, a.data, member=a.member, threads=a.threads)
     base = onnx.load(prep.onnx_path)
 
     def logits(proto, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
         b = OnnxRuntimeBackend(proto.SerializeToString(), threads=a.threads)
         return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
 
-    perm = np.random.default_rng(12345).permutation(len(xt))
-    pool, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
     sets = {"train_heldout": xt[held], "val": prep.val_inputs}
     ref = {k: logits(base, x) for k, x in sets.items()}
     top2 = {k: np.argsort(-r, axis=1)[:, :2] for k, r in ref.items()}
@@ -106,7 +100,7 @@ def main() -> None:
                       "abs_delta_50_90_99_max": [float(v) for v in np.quantile(np.abs(delta), [0.5, 0.9, 0.99, 1.0])]}
         return out
 
-    opts = QuantizeOptions(first_conv_float=True, bias_correction="none", range_estimator=a.estimator)
+    opts = recipe_ptq_options(a.estimator)
     seeds = [int(s) for s in a.seeds.split(",")]
     draws, attribution = [], {}
     for j, seed in enumerate(seeds):

@@ -22,17 +22,18 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
+
+from _common import data_arg, recipe_ptq_options, training_halves
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("runs/quick/student"))
     ap.add_argument("--split", type=Path, default=Path("runs/quick/split.csv"))
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", "../shared/data/ham10000")))
+    data_arg(ap)
     ap.add_argument("--images", type=int, default=400, help="held-out training images to run")
     ap.add_argument("--member", help="one member of an ensemble folder (by name)")
     ap.add_argument("--threads", type=int, default=2)
@@ -42,23 +43,15 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
-    from edgeskin.data import load_dataset, load_eval_set, read_split
     from edgeskin.fileio import write_json
-    from edgeskin.quantize import QuantizeOptions, quantize_onnx
+    from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.fallback import activation_pairs
-    from edgeskin.targets.prepare import prepare
 
-    ds = load_dataset(a.data)
-    split = read_split(a.split)
-    prep = prepare(a.model, member=a.member, dataset=ds, split=split, opset=17, threads=a.threads)
-    _, xt, _ = load_eval_set(split.apply(ds, "train"), prep.preprocess, prep.labels, what="training")
-    # the same halves as benchmarks/int8_noise.py: calibrate on one, look at the other
-    perm = np.random.default_rng(12345).permutation(len(xt))
-    pool, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+    prep, xt, pool, held = training_halves(a.model, a.split, a.data, member=a.member, threads=a.threads)
+    # quantized only to learn which tensors NNCF quantizes (the placement, not the ranges)
     idx = np.random.default_rng(0).choice(pool, size=min(64, len(pool)), replace=False)
     base = onnx.load(prep.onnx_path)
-    q, _ = quantize_onnx(base, [xt[i : i + 1] for i in idx],
-                         QuantizeOptions(first_conv_float=True, bias_correction="none", range_estimator="mean_minmax"))
+    q, _ = quantize_onnx(base, [xt[i : i + 1] for i in idx], recipe_ptq_options("mean_minmax"))
     tensors = [p.tensor for p in activation_pairs(q)]
     outputs = {v.name for v in base.graph.output}
     for t in tensors:
