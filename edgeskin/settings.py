@@ -268,12 +268,16 @@ def qat() -> tuple[Setting, ...]:
         Setting("qat_target", str, "cpu", "The INT8 form trained, and the compile target that uses it: cpu (ONNX "
                 "Runtime: INT8 weights, UINT8 activations) | jetson (TensorRT: symmetric INT8).",
                 choices=("cpu", "jetson")),
-        Setting("qat_lr", float, 3e-6, "Learning rate of the quantization-aware epochs (Adam, cosine to 0).",
-                lo=1e-9, hi=1.0),
-        Setting("qat_consistency", float, 1.0, "Weight of the term that keeps the INT8 decisions on the float "
-                "student's own (0: the ensemble and the labels only).", lo=0.0, hi=100.0),
-        Setting("qat_agreement", float, 0.0, "Weight of the cross-entropy that pulls the INT8 logits towards the "
-                "float student's own top-1 decision on each view (what the agreement budget measures). 0: off.",
+        Setting("qat_objective", str, "match", "What the quantization-aware epochs fit: match (the float "
+                "student's own logits, mean squared error, SGD, classifier fixed: fits only what quantization "
+                "changed) | distill (the ensemble's distillation loss plus the two terms below, Adam).",
+                choices=("match", "distill")),
+        Setting("qat_lr", float, None, "Learning rate of the quantization-aware epochs (cosine to 0). Default: "
+                "3e-3 for match (SGD), 3e-6 for distill (Adam).", lo=1e-9, hi=1.0),
+        Setting("qat_consistency", float, 1.0, "distill objective: weight of the term that keeps the INT8 "
+                "decisions on the float student's own (0: the ensemble and the labels only).", lo=0.0, hi=100.0),
+        Setting("qat_agreement", float, 0.0, "distill objective: weight of the cross-entropy that pulls the INT8 "
+                "logits towards the float student's own top-1 decision on each view. 0: off.",
                 lo=0.0, hi=100.0),
     )
 
@@ -288,6 +292,7 @@ def qat_single() -> tuple[Setting, ...]:
         replace(q["qat_epochs"], default=1, lo=1, flags=("--epochs", "--qat-epochs"),
                 help="Quantization-aware epochs (NNCF) on the split's training images."),
         replace(q["qat_target"], flags=("--target", "--qat-target")),
+        replace(q["qat_objective"], flags=("--objective", "--qat-objective")),
         replace(q["qat_lr"], flags=("--lr", "--qat-lr")),
         replace(q["qat_consistency"], flags=("--consistency", "--qat-consistency"),
                 help="Weight of the term that keeps the INT8 decisions on the checkpoint's own float ones."),
@@ -383,7 +388,8 @@ def distill_config(given: Mapping[str, Any], *, where: str = CLI):  # noqa: ANN2
 
     v = values((training(), student()), given, where)
     train = train_config(given, student_run=True, where=where)
-    q = QatConfig(epochs=int(v["qat_epochs"]), target=str(v["qat_target"]), lr=float(v["qat_lr"]),
+    q = QatConfig(epochs=int(v["qat_epochs"]), target=str(v["qat_target"]), objective=str(v["qat_objective"]),
+                  lr=None if v["qat_lr"] is None else float(v["qat_lr"]),
                   consistency=float(v["qat_consistency"]), agreement=float(v["qat_agreement"]),
                   seed=int(v["seed"]), batch_size=train.batch_size,
                   steps_per_epoch=train.steps_per_epoch)

@@ -55,6 +55,10 @@ def test_qat_config_refuses_bad_values():
         QatConfig(epochs=1, agreement=-0.5)
     # the agreement term is off by default and then leaves the settings (and the digest) as before
     assert "agreement" not in QatConfig(epochs=1).to_dict()
+    with pytest.raises(ConfigError, match="objective"):
+        QatConfig(epochs=1, objective="mse")
+    # each objective has its own optimiser and default learning rate, recorded resolved
+    assert QatConfig(epochs=1).to_dict()["lr"] == 3e-3 and QatConfig(objective="distill").to_dict()["lr"] == 3e-6
     assert QatConfig(epochs=1, agreement=1.0).to_dict()["agreement"] == 1.0
 
 
@@ -85,7 +89,8 @@ def _ort_top1(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return np.concatenate([b.run(x[i : i + 100]) for i in range(0, len(x), 100)]).argmax(1)
 
 
-def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy_tiny_model(tmp_path):
+@pytest.mark.parametrize("objective,lr", [("match", None), ("distill", 1e-4)])
+def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy_tiny_model(tmp_path, objective, lr):
     """A tiny trained classifier whose second convolution has, in every output channel, one large
     weight on an input channel that is always zero (a dead ReLU): the function is unchanged, but
     per-channel INT8 weights then have a coarse grid, and compile's post-training quantization
@@ -121,14 +126,14 @@ def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy
 
     export_onnx(model, tmp_path / "fp32.onnx", size=16, check_inputs=held[:4].numpy())
     ptq, _ = quantize_onnx(onnx.load(tmp_path / "fp32.onnx"), [train[i : i + 1].numpy() for i in range(200)],
-                           QuantizeOptions(first_conv_float=True))
+                           QuantizeOptions(first_conv_float=True, range_estimator="minmax"))
     ptq_agreement = float(np.mean(_ort_top1(ptq.SerializeToString(), held.numpy()) == fp32))
 
     class Batches:
         def batch(self, idx: np.ndarray, epoch: int) -> torch.Tensor:
             return train[idx]
 
-    res = train_qat(model, QatConfig(epochs=8, lr=1e-4, batch_size=64), batches=Batches(), n_train=600,
+    res = train_qat(model, QatConfig(epochs=8, objective=objective, lr=lr, batch_size=64), batches=Batches(), n_train=600,
                     teacher_probs=lambda xb, idx: teacher[torch.from_numpy(idx)], hard_loss=None,
                     calibration=train[:200], temperature=1.0, alpha=1.0, val_inputs=held.numpy())
     # the starting point is compile's own post-training quantization
@@ -140,8 +145,17 @@ def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy
     assert simulated_agreement(res.model, folded, held.numpy()) == pytest.approx(qat_agreement, abs=0.01)
     assert ptq_agreement < 0.94, ptq_agreement  # post-training quantization is measurably lossy here
     assert qat_agreement >= ptq_agreement + 0.03, (ptq_agreement, qat_agreement)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # the weights are stored as integers (as post-training graphs store them), not as float
+    # initializers behind a QuantizeLinear
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in proto.graph.node)
+    conv_weights = [n.input[1] for n in proto.graph.node if n.op_type == "Conv"]
+    dq_out = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    stored = [inits[dq_out[w]].data_type for w in conv_weights if w in dq_out and dq_out[w] in inits]
+    assert stored and set(stored) == {onnx.TensorProto.INT8}, stored
 
 
 def test_distill_with_qat_epochs_writes_the_int8_graph_that_compile_uses(tiny_ham, tmp_path):
@@ -259,8 +273,13 @@ def test_qat_command_fine_tunes_one_checkpoint_for_compile_and_leaves_its_weight
     assert again.exit_code == 0 and "already done" in again.output, again.output
     assert json.loads(member.read_text())["qat"]["cpu"] == rec
 
-    # another teacher is another fine-tuning (the record's digest covers the teacher)
-    other = CliRunner().invoke(app, args + ["--teacher", str(teacher_dir)], catch_exceptions=False)
+    # the default objective (match) uses no teacher: one given is refused, with the fix
+    refused = CliRunner().invoke(app, args + ["--teacher", str(teacher_dir)])
+    assert isinstance(refused.exception, ConfigError) and "--objective distill" in refused.exception.hint
+    assert json.loads(member.read_text())["qat"]["cpu"] == rec
+    # with distill, another teacher is another fine-tuning (the record's digest covers the teacher)
+    other = CliRunner().invoke(app, args + ["--objective", "distill", "--teacher", str(teacher_dir)],
+                               catch_exceptions=False)
     assert other.exit_code == 0 and "already done" not in other.output, other.output
     assert json.loads(member.read_text())["qat"]["cpu"]["config_digest"] != rec["config_digest"]
 

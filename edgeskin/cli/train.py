@@ -145,7 +145,7 @@ def distill(
 @command_options(build.qat_single())
 def qat(
     checkpoint: Path = typer.Argument(..., help="One checkpoint's .json: an ensemble member (OUT/member0.json) or a distilled student (OUT/student.json)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="An ensemble to learn from (as in distill). Default: the checkpoint's own float model."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="--objective distill: an ensemble to learn from (as in distill). Default: the checkpoint's own float model."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data set (see `edgeskin split --help`). Default: $EDGESKIN_DATA."),
     split_file: Optional[Path] = typer.Option(None, "--split", help="Split file. Default: the checkpoint folder's split.csv."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Image folder(s), if not next to the metadata."),
@@ -163,12 +163,18 @@ def qat(
     from ..train import qat_checkpoint
 
     cfg = build.distill_config(settings)  # of it: the qat settings, the loss and the batches' settings
+    if teacher is not None and cfg.qat.objective == "match":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--teacher {teacher}: the match objective learns the checkpoint's own float logits "
+                          "and uses no teacher", "drop --teacher, or pass --objective distill to learn from it")
     build.apply_threads(settings)
     compute = compute_for(settings)
     ds = load_data(data, images, skip_bad)
     s = read_split(split_for(split_file, checkpoint))
     err.print(f"quantization-aware fine-tuning of {checkpoint} for {cfg.qat.target}: {cfg.qat.epochs} epoch(s), "
-              f"lr {cfg.qat.lr:g}, teacher {teacher or 'itself'}")
+              f"lr {cfg.qat.learning_rate:g}, "
+              + (f"teacher {teacher or 'itself'}" if cfg.qat.objective == "distill" else "matching its own float logits"))
     rec = qat_checkpoint(checkpoint, cfg, dataset=ds, split=s, teacher_path=teacher, reporter=reporter(),
                          skip_bad=skip_bad, compute=compute)
     onnx_file = checkpoint.with_name(rec["onnx"]["file"]) if rec.get("onnx") else None

@@ -602,14 +602,15 @@ def qat_checkpoint(
         raise ConfigError(f"{split.source or 'the split'}: no training images", "quantization-aware "
                           "fine-tuning trains on the split's training images; check --split and --data")
     cache_probs = None
-    if cfg.train.augment is None:
+    if cfg.train.augment is None and cfg.qat.objective == "distill":  # ``match`` needs no teacher outputs
         cache = cached_teacher_probs(teacher, train_arrays, pre, meta_path.parent / ".teacher-cache",
                                      batch_size=cfg.train.eval_batch_size, reporter=reporter)
         cache_probs = torch.from_numpy(cache.probs).to(compute.device)
     train_y = labels_of(train_set, labels)
     hard, _ = hard_label_loss(cfg.train, train_y, labels, compute.device)
-    who = "itself (its float model)" if teacher_path is None else f"the ensemble {display(teacher_path)}"
-    reporter.message(f"{meta_path.stem}: teacher {who}")
+    if cfg.qat.objective == "distill":
+        who = "itself (its float model)" if teacher_path is None else f"the ensemble {display(teacher_path)}"
+        reporter.message(f"{meta_path.stem}: teacher {who}")
 
     record = qat_phase(meta_path, cfg, digest=cfg.digest(teacher.digest), train_arrays=train_arrays, val_x=val_x,
                        labels=labels, pre=pre, compute=compute, reporter=reporter,
