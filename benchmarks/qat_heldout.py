@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Quantization-aware training against post-training quantization on images neither has seen,
+through ONNX Runtime, never on the test split.
+
+The training split is cut into the fixed halves of int8_noise.py (``_common.training_halves``).
+Post-training quantization (the quick recipe's settings: minmax ranges, first convolution and
+classifier float, no bias correction) calibrates on 512 images of the first half; quantization-
+aware training (``edgeskin.train.qat.train_qat``, the shipped code and defaults) starts from 300
+images of the same half and fits that half only, un-augmented. Every INT8 graph then runs in ONNX
+Runtime on the second half and on the validation split, against the FP32 student. Reported per
+graph: flipped top-1 decisions, and the spread of the INT8 change in the gap between the FP32
+top two logits (the noise that flips near-ties): standard deviation and a robust one (1.4826 x
+MAD), and |change| quantiles. The jetson forms are TensorRT's symmetric INT8 as compile writes
+them (post-training: ``to_tensorrt_int8``; QAT: trained in that form), run in ONNX Runtime as the
+host proxy runs them.
+
+Usage:
+    python benchmarks/qat_heldout.py [--run runs/quick] [--targets cpu,jetson] [--seeds 0,1] \\
+        [--epochs 3] [--out benchmarks/results/qat_heldout.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import data_arg, recipe_ptq_options, training_halves  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("runs/quick"))
+    ap.add_argument("--model", type=Path, help="a student directory (default: RUN/student)")
+    ap.add_argument("--split", type=Path, help="default: RUN/split.csv")
+    data_arg(ap)
+    ap.add_argument("--targets", default="cpu,jetson")
+    ap.add_argument("--seeds", default="0,1", help="draws: calibration images and the QAT batches' order")
+    ap.add_argument("--epochs", type=int, default=3, help="QAT epochs over the fitted half")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=None, help="default: the objective's own (QatConfig)")
+    ap.add_argument("--objective", default="match")
+    ap.add_argument("--calibration-size", type=int, default=None,
+                    help="images that set QAT's starting ranges (a subset of PTQ's 512); default: QatConfig's")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qat_heldout.json"))
+    a = ap.parse_args()
+
+    import onnx
+    import torch
+
+    from edgeskin.fileio import write_json
+    from edgeskin.models import load_ensemble
+    from edgeskin.quantize import quantize_onnx
+    from edgeskin.quantize.tensorrt import to_tensorrt_int8
+    from edgeskin.runtime.backends import OnnxRuntimeBackend
+    from edgeskin.train.qat import QatConfig, export_qdq, train_qat
+
+    torch.set_num_threads(a.threads)
+    model = a.model or a.run / "student"
+    split_path = a.split or a.run / "split.csv"
+    prep, xt, pool, held = training_halves(model, split_path, a.data, threads=a.threads)
+    base = onnx.load(prep.onnx_path)
+    (ck,) = load_ensemble(model)
+    size = int(xt.shape[-1])
+
+    def logits(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
+        b = OnnxRuntimeBackend(proto_bytes, threads=a.threads)
+        return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+    sets = {"train_heldout": xt[held], "val": prep.val_inputs}
+    ref = {k: logits(base.SerializeToString(), x) for k, x in sets.items()}
+    top2 = {k: np.argsort(-r, axis=1)[:, :2] for k, r in ref.items()}
+
+    def margin(k: str, lg: np.ndarray) -> np.ndarray:
+        i = np.arange(len(lg))
+        return lg[i, top2[k][:, 0]] - lg[i, top2[k][:, 1]]
+
+    m0 = {k: margin(k, r) for k, r in ref.items()}
+
+    def measure(proto_bytes: bytes) -> dict[str, dict[str, float]]:
+        out = {}
+        for k, x in sets.items():
+            lg = logits(proto_bytes, x)
+            d = margin(k, lg) - m0[k]
+            out[k] = {"flips": int(np.sum(lg.argmax(1) != ref[k].argmax(1))), "n": len(x),
+                      "sigma": float(np.std(d)),
+                      "sigma_robust": float(1.4826 * np.median(np.abs(d - np.median(d)))),
+                      "abs_delta_50_90_99": [float(v) for v in np.quantile(np.abs(d), [0.5, 0.9, 0.99])]}
+        return out
+
+    class Half:  # QAT batches: the fitted half, un-augmented
+        def batch(self, idx: np.ndarray, epoch: int) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(xt[pool[idx]]))
+
+    opts = recipe_ptq_options("minmax")
+    rows = []
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        cal_idx = np.random.default_rng(seed).choice(pool, size=min(512, len(pool)), replace=False)
+        ptq, _ = quantize_onnx(base, [xt[i : i + 1] for i in cal_idx], opts)
+        for target in [t.strip() for t in a.targets.split(",") if t.strip()]:
+            t0 = time.perf_counter()
+            ptq_form = ptq if target == "cpu" else to_tensorrt_int8(ptq)[0]
+            row = {"seed": seed, "target": target, "ptq": measure(ptq_form.SerializeToString())}
+            cfg = QatConfig(epochs=a.epochs, target=target, objective=a.objective, lr=a.lr,
+                            batch_size=a.batch_size, seed=seed,
+                            **({} if a.calibration_size is None else {"calibration_size": a.calibration_size}))
+            cal = torch.from_numpy(xt[np.sort(cal_idx[: cfg.calibration_size])])
+            res = train_qat(ck.model.float().eval(), cfg, batches=Half(), n_train=len(pool),
+                            teacher_probs=lambda x, idx: None, hard_loss=None, calibration=cal,
+                            temperature=1.0, alpha=1.0)
+            tmp = a.out.with_suffix(f".{target}.tmp.onnx")
+            export_qdq(res.model.cpu(), tmp, size=size)
+            row["qat"] = measure(tmp.read_bytes())
+            tmp.unlink()
+            row["qat_config"] = cfg.to_dict()
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(f"seed {seed} {target}: " + "; ".join(
+                f"{k} flips PTQ {row['ptq'][k]['flips']} -> QAT {row['qat'][k]['flips']} of {row['ptq'][k]['n']}, "
+                f"sigma {row['ptq'][k]['sigma']:.4f} -> {row['qat'][k]['sigma']:.4f} (robust "
+                f"{row['ptq'][k]['sigma_robust']:.4f} -> {row['qat'][k]['sigma_robust']:.4f})"
+                for k in sets) + f"  ({row['seconds']:.0f} s)", flush=True)
+    summary = {}
+    for target in sorted({r["target"] for r in rows}):
+        rs = [r for r in rows if r["target"] == target]
+        summary[target] = {k: {"ptq_flips": sum(r["ptq"][k]["flips"] for r in rs),
+                               "qat_flips": sum(r["qat"][k]["flips"] for r in rs),
+                               "ptq_sigma_mean": float(np.mean([r["ptq"][k]["sigma"] for r in rs])),
+                               "qat_sigma_mean": float(np.mean([r["qat"][k]["sigma"] for r in rs]))}
+                           for k in sets}
+    record = {"model": str(model), "split": str(split_path), "eval_sets": {k: len(x) for k, x in sets.items()},
+              "fitted_half": len(pool), "rows": rows, "summary": summary,
+              "note": "test split not read; QAT fitted and PTQ calibrated on the training half not evaluated; "
+                      "all graphs run in ONNX Runtime"}
+    write_json(a.out, record)
+    print(json.dumps(summary, indent=1))
+    if not math.isfinite(sum(s[k]["qat_sigma_mean"] for s in summary.values() for k in sets)):
+        raise SystemExit("non-finite noise")
+
+
+if __name__ == "__main__":
+    main()
