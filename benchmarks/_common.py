@@ -30,6 +30,15 @@ def data_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("EDGESKIN_DATA", SHARED / "data" / "ham10000")))
 
 
+def student_run_args(ap: argparse.ArgumentParser) -> None:
+    """--run (a main-job output folder), --model (default RUN/student), --split (default
+    RUN/split.csv) and --data: the INT8 studies of one student."""
+    ap.add_argument("--run", type=Path, default=Path("runs/quick"))
+    ap.add_argument("--model", type=Path, help="a student directory (default: RUN/student)")
+    ap.add_argument("--split", type=Path, help="default: RUN/split.csv")
+    data_arg(ap)
+
+
 def model_args(ap: argparse.ArgumentParser) -> None:
     """--data, --model, --member, --split, --calib with the shared defaults."""
     data_arg(ap)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import data_arg, recipe_ptq_options, training_halves
+from _common import recipe_ptq_options, student_run_args, training_halves
 
 #: margin band that estimates the density near zero (logit units)
 BAND = 0.05
@@ -43,10 +43,7 @@ BAND = 0.05
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("runs/quick"))
-    ap.add_argument("--model", type=Path, help="a student directory (default: RUN/student)")
-    ap.add_argument("--split", type=Path, help="default: RUN/split.csv")
-    data_arg(ap)
+    student_run_args(ap)
     ap.add_argument("--seeds", default="0,1,2,3", help="calibration draws")
     ap.add_argument("--estimator", default="minmax", help="NNCF activation range estimator")
     ap.add_argument("--per-quantizer", action="store_true", help="attribute the noise to each quantizer (the first of --seeds)")

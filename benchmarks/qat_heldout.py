@@ -31,15 +31,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import data_arg, recipe_ptq_options, training_halves  # noqa: E402
+from _common import recipe_ptq_options, student_run_args, training_halves  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, default=Path("runs/quick"))
-    ap.add_argument("--model", type=Path, help="a student directory (default: RUN/student)")
-    ap.add_argument("--split", type=Path, help="default: RUN/split.csv")
-    data_arg(ap)
+    student_run_args(ap)
     ap.add_argument("--targets", default="cpu,jetson")
     ap.add_argument("--seeds", default="0,1", help="draws: calibration images and the QAT batches' order")
     ap.add_argument("--epochs", type=int, default=3, help="QAT epochs over the fitted half")

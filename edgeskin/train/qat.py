@@ -339,26 +339,19 @@ def train_qat(
                 with torch.no_grad():
                     ref_logits = reference(x).float()
                 loss = nn.functional.mse_loss(logits.float(), ref_logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(weights, 1.0)
-                opt.step()
-                sched.step()
-                running += float(loss.detach()) * len(idx)
-                seen += len(idx)
-                reporter.advance(1)
-                continue
-            tp = teacher_probs(x, idx)
-            soft = distillation_kl(logits, tp, temperature)
-            loss = soft if (hard_loss is None or alpha >= 1.0) else alpha * soft + (1 - alpha) * hard_loss(logits, idx)
-            if cfg.consistency > 0 or cfg.agreement > 0:
-                with torch.no_grad():
-                    ref_logits = reference(x).float()
-                if cfg.consistency > 0:
-                    loss = loss + cfg.consistency * distillation_kl(logits, torch.softmax(ref_logits, dim=1),
-                                                                    temperature)
-                if cfg.agreement > 0:
-                    loss = loss + cfg.agreement * nn.functional.cross_entropy(logits.float(), ref_logits.argmax(1))
+            else:
+                soft = distillation_kl(logits, teacher_probs(x, idx), temperature)
+                loss = (soft if (hard_loss is None or alpha >= 1.0)
+                        else alpha * soft + (1 - alpha) * hard_loss(logits, idx))
+                if cfg.consistency > 0 or cfg.agreement > 0:
+                    with torch.no_grad():
+                        ref_logits = reference(x).float()
+                    if cfg.consistency > 0:
+                        loss = loss + cfg.consistency * distillation_kl(logits, torch.softmax(ref_logits, dim=1),
+                                                                        temperature)
+                    if cfg.agreement > 0:
+                        loss = loss + cfg.agreement * nn.functional.cross_entropy(logits.float(),
+                                                                                  ref_logits.argmax(1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(weights, 1.0)
