@@ -37,6 +37,7 @@ from _common import recipe_ptq_options, student_run_args, training_halves  # noq
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     student_run_args(ap)
+    ap.add_argument("--member", help="one member of an ensemble folder (by name), e.g. the reference's member2")
     ap.add_argument("--targets", default="cpu,jetson")
     ap.add_argument("--seeds", default="0,1", help="draws: calibration images and the QAT batches' order")
     ap.add_argument("--epochs", type=int, default=3, help="QAT epochs over the fitted half")
@@ -62,9 +63,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = a.model or a.run / "student"
     split_path = a.split or a.run / "split.csv"
-    prep, xt, pool, held = training_halves(model, split_path, a.data, threads=a.threads)
+    prep, xt, pool, held = training_halves(model, split_path, a.data, member=a.member, threads=a.threads)
     base = onnx.load(prep.onnx_path)
-    (ck,) = load_ensemble(model)
+    ck = next(m for m in load_ensemble(model) if m.sha256 == prep.sha256)  # the member prepared
     size = int(xt.shape[-1])
 
     def logits(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -132,7 +133,7 @@ def main() -> None:
                                "ptq_sigma_mean": float(np.mean([r["ptq"][k]["sigma"] for r in rs])),
                                "qat_sigma_mean": float(np.mean([r["qat"][k]["sigma"] for r in rs]))}
                            for k in sets}
-    record = {"model": str(model), "split": str(split_path), "eval_sets": {k: len(x) for k, x in sets.items()},
+    record = {"model": str(model), "member": a.member, "split": str(split_path), "eval_sets": {k: len(x) for k, x in sets.items()},
               "fitted_half": len(pool), "rows": rows, "summary": summary,
               "note": "test split not read; QAT fitted and PTQ calibrated on the training half not evaluated; "
                       "all graphs run in ONNX Runtime"}

@@ -89,8 +89,12 @@ def _ort_top1(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return np.concatenate([b.run(x[i : i + 100]) for i in range(0, len(x), 100)]).argmax(1)
 
 
-@pytest.mark.parametrize("objective,lr", [("match", None), ("distill", 1e-4)])
-def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy_tiny_model(tmp_path, objective, lr):
+# match (SGD) needs more epochs than distill (Adam) to move weights across this coarse grid; with
+# 8 its final epoch depended on the thread count (88.7 % at 1 thread, 95.7 % at 2); with 16 it gave
+# 95.3 % and 96.0 %
+@pytest.mark.parametrize("objective,lr,epochs", [("match", None, 16), ("distill", 1e-4, 8)])
+def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy_tiny_model(tmp_path, objective, lr,
+                                                                                            epochs):
     """A tiny trained classifier whose second convolution has, in every output channel, one large
     weight on an input channel that is always zero (a dead ReLU): the function is unchanged, but
     per-channel INT8 weights then have a coarse grid, and compile's post-training quantization
@@ -133,7 +137,7 @@ def test_quantization_aware_training_beats_post_training_quantization_on_a_lossy
         def batch(self, idx: np.ndarray, epoch: int) -> torch.Tensor:
             return train[idx]
 
-    res = train_qat(model, QatConfig(epochs=8, objective=objective, lr=lr, batch_size=64), batches=Batches(), n_train=600,
+    res = train_qat(model, QatConfig(epochs=epochs, objective=objective, lr=lr, batch_size=64), batches=Batches(), n_train=600,
                     teacher_probs=lambda xb, idx: teacher[torch.from_numpy(idx)], hard_loss=None,
                     calibration=train[:200], temperature=1.0, alpha=1.0, val_inputs=held.numpy())
     # the starting point is compile's own post-training quantization
