@@ -76,6 +76,45 @@ def training_halves(model: Path, split_path: Path, data: Path, *, member: str | 
     return prep, xt, perm[: len(perm) // 2], perm[len(perm) // 2 :]
 
 
+def ort_logits(model_bytes: bytes, x: Any, *, threads: int = 2) -> Any:
+    """A graph's logits for ``x`` through edgeskin's ONNX Runtime backend, 64 images at a time."""
+    import numpy as np
+
+    from edgeskin.runtime.backends import OnnxRuntimeBackend
+
+    b = OnnxRuntimeBackend(model_bytes, threads=threads)
+    return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+
+class MarginProbe:
+    """FP32 logits of named image sets, against which INT8 logits of the same images are read as
+    flipped top-1 decisions and as the change in the gap between the FP32 top two classes (the
+    noise that flips near-ties): int8_noise.py and qat_heldout.py."""
+
+    def __init__(self, ref: dict[str, Any]) -> None:
+        import numpy as np
+
+        self.ref = ref
+        self.top2 = {k: np.argsort(-r, axis=1)[:, :2] for k, r in ref.items()}
+        self.gap0 = {k: self.gap(k, r) for k, r in ref.items()}
+
+    def gap(self, k: str, lg: Any) -> Any:
+        """Logit of the FP32 top class minus that of the FP32 runner-up, in ``lg``."""
+        import numpy as np
+
+        i = np.arange(len(lg))
+        return lg[i, self.top2[k][:, 0]] - lg[i, self.top2[k][:, 1]]
+
+    def change(self, k: str, lg: Any) -> tuple[int, Any, float, float]:
+        """(flipped decisions, the gap's change per image, its standard deviation, its robust
+        standard deviation: 1.4826 x the median absolute deviation)."""
+        import numpy as np
+
+        d = self.gap(k, lg) - self.gap0[k]
+        robust = float(1.4826 * np.median(np.abs(d - np.median(d))))
+        return int(np.sum(lg.argmax(1) != self.ref[k].argmax(1))), d, float(np.std(d)), robust
+
+
 def recipe_ptq_options(estimator: str) -> Any:
     """The quick recipe's post-training settings the INT8 studies hold fixed: first convolution and
     classifier in float, no bias correction; only the activation range estimator varies."""

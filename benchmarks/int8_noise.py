@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import recipe_ptq_options, student_run_args, training_halves
+from _common import MarginProbe, ort_logits, recipe_ptq_options, student_run_args, training_halves
 
 #: margin band that estimates the density near zero (logit units)
 BAND = 0.05
@@ -58,7 +58,6 @@ def main() -> None:
     from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.fallback import activation_pairs, remove_pairs
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
-    from edgeskin.runtime.backends import OnnxRuntimeBackend
 
     model = a.model or a.run / "student"
     split_path = a.split or a.run / "split.csv"
@@ -66,18 +65,11 @@ def main() -> None:
     base = onnx.load(prep.onnx_path)
 
     def logits(proto, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
-        b = OnnxRuntimeBackend(proto.SerializeToString(), threads=a.threads)
-        return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
+        return ort_logits(proto.SerializeToString(), x, threads=a.threads)
 
     sets = {"train_heldout": xt[held], "val": prep.val_inputs}
-    ref = {k: logits(base, x) for k, x in sets.items()}
-    top2 = {k: np.argsort(-r, axis=1)[:, :2] for k, r in ref.items()}
-
-    def margin(k: str, lg: np.ndarray) -> np.ndarray:
-        i = np.arange(len(lg))
-        return lg[i, top2[k][:, 0]] - lg[i, top2[k][:, 1]]
-
-    m0 = {k: margin(k, r) for k, r in ref.items()}
+    probe = MarginProbe({k: logits(base, x) for k, x in sets.items()})
+    m0 = probe.gap0
     density = {k: float(np.mean(m < BAND) / BAND) for k, m in m0.items()}
     quant = {k: [float(np.quantile(m, q)) for q in (0.01, 0.05, 0.10, 0.50)] for k, m in m0.items()}
     print(f"{model}: margin density near 0 (per logit unit): "
@@ -86,11 +78,8 @@ def main() -> None:
     def measure(proto) -> dict[str, dict[str, float]]:  # noqa: ANN001
         out = {}
         for k, x in sets.items():
-            lg = logits(proto, x)
-            delta = margin(k, lg) - m0[k]
-            sigma = float(np.std(delta))
-            robust = float(1.4826 * np.median(np.abs(delta - np.median(delta))))
-            out[k] = {"flips": int(np.sum(lg.argmax(1) != ref[k].argmax(1))), "n": len(x), "sigma": sigma,
+            flips, delta, sigma, robust = probe.change(k, logits(proto, x))
+            out[k] = {"flips": flips, "n": len(x), "sigma": sigma,
                       "predicted_flips": len(x) * density[k] * sigma / math.sqrt(2 * math.pi),
                       "sigma_robust": robust,
                       "predicted_flips_robust": len(x) * density[k] * robust / math.sqrt(2 * math.pi),

@@ -5,8 +5,8 @@ through ONNX Runtime, never on the test split.
 The training split is cut into the fixed halves of int8_noise.py (``_common.training_halves``).
 Post-training quantization (the quick recipe's settings: minmax ranges, first convolution and
 classifier float, no bias correction) calibrates on 512 images of the first half; quantization-
-aware training (``edgeskin.train.qat.train_qat``, the shipped code and defaults) starts from 300
-images of the same half and fits that half only, un-augmented. Every INT8 graph then runs in ONNX
+aware training (``edgeskin.train.qat.train_qat``, the shipped code and defaults) starts from
+``--calibration-size`` of those images (default QatConfig's, 512) and fits that half only, un-augmented. Every INT8 graph then runs in ONNX
 Runtime on the second half and on the validation split, against the FP32 student. Reported per
 graph: flipped top-1 decisions, and the spread of the INT8 change in the gap between the FP32
 top two logits (the noise that flips near-ties): standard deviation and a robust one (1.4826 x
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import recipe_ptq_options, student_run_args, training_halves  # noqa: E402
+from _common import MarginProbe, ort_logits, recipe_ptq_options, student_run_args, training_halves  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,6 @@ def main() -> None:
     from edgeskin.models import load_ensemble
     from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
-    from edgeskin.runtime.backends import OnnxRuntimeBackend
     from edgeskin.train.qat import QatConfig, export_qdq, train_qat
 
     torch.set_num_threads(a.threads)
@@ -68,28 +67,14 @@ def main() -> None:
     ck = next(m for m in load_ensemble(model) if m.sha256 == prep.sha256)  # the member prepared
     size = int(xt.shape[-1])
 
-    def logits(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
-        b = OnnxRuntimeBackend(proto_bytes, threads=a.threads)
-        return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
-
     sets = {"train_heldout": xt[held], "val": prep.val_inputs}
-    ref = {k: logits(base.SerializeToString(), x) for k, x in sets.items()}
-    top2 = {k: np.argsort(-r, axis=1)[:, :2] for k, r in ref.items()}
-
-    def margin(k: str, lg: np.ndarray) -> np.ndarray:
-        i = np.arange(len(lg))
-        return lg[i, top2[k][:, 0]] - lg[i, top2[k][:, 1]]
-
-    m0 = {k: margin(k, r) for k, r in ref.items()}
+    probe = MarginProbe({k: ort_logits(base.SerializeToString(), x, threads=a.threads) for k, x in sets.items()})
 
     def measure(proto_bytes: bytes) -> dict[str, dict[str, float]]:
         out = {}
         for k, x in sets.items():
-            lg = logits(proto_bytes, x)
-            d = margin(k, lg) - m0[k]
-            out[k] = {"flips": int(np.sum(lg.argmax(1) != ref[k].argmax(1))), "n": len(x),
-                      "sigma": float(np.std(d)),
-                      "sigma_robust": float(1.4826 * np.median(np.abs(d - np.median(d)))),
+            flips, d, sigma, robust = probe.change(k, ort_logits(proto_bytes, x, threads=a.threads))
+            out[k] = {"flips": flips, "n": len(x), "sigma": sigma, "sigma_robust": robust,
                       "abs_delta_50_90_99": [float(v) for v in np.quantile(np.abs(d), [0.5, 0.9, 0.99])]}
         return out
 

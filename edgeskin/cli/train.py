@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import settings as build
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..settings import command_options
 from .common import (
     app,
@@ -164,8 +164,6 @@ def qat(
 
     cfg = build.distill_config(settings)  # of it: the qat settings, the loss and the batches' settings
     if teacher is not None and cfg.qat.objective == "match":
-        from ..errors import ConfigError
-
         raise ConfigError(f"--teacher {teacher}: the match objective learns the checkpoint's own float logits "
                           "and uses no teacher", "drop --teacher, or pass --objective distill to learn from it")
     build.apply_threads(settings)

@@ -94,7 +94,7 @@ class QatConfig:
     #: keep the first convolution in float (as ``compile --first-conv-float``); the classifier is
     #: always float, as in compile
     first_conv_float: bool = True
-    #: how the activation quantizers' starting ranges are estimated (NNCF's estimator names)
+    #: how the activation quantizers' starting ranges are estimated (compile's estimator names)
     range_estimator: str = "minmax"
     batch_size: int = 32
     #: cap on steps per epoch (None: the whole training split)
@@ -110,8 +110,12 @@ class QatConfig:
         object.__setattr__(self, "target", qat_target(self.target))
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown QAT objective {self.objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
-        if self.range_estimator not in ("minmax", "mean_minmax"):
-            raise ConfigError(f"unknown QAT range estimator {self.range_estimator!r}", "choose minmax or mean_minmax")
+        from ..quantize.nncf_int8 import RANGE_ESTIMATORS
+
+        estimators = [e for e in RANGE_ESTIMATORS if e != "auto"]  # compile resolves auto on validation
+        if self.range_estimator not in estimators:
+            raise ConfigError(f"unknown QAT range estimator {self.range_estimator!r}",
+                              f"choose one of: {', '.join(estimators)}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"QAT learning rate must be > 0, got {self.lr}")
         if self.consistency < 0:
@@ -295,7 +299,6 @@ def train_qat(
         p.requires_grad_(False)
     q, record = quantize_for_training(folded, cfg.target, calibration, first_conv_float=cfg.first_conv_float,
                                       range_estimator=cfg.range_estimator)
-    record["range_estimator"] = cfg.range_estimator
     if val_inputs is not None:
         record["val_agreement_before"] = simulated_agreement(q, reference, val_inputs)
     # the quantizers' ranges stay where calibration put them (what compile would use); the
@@ -432,7 +435,8 @@ def export_qdq(q: nn.Module, path: str | os.PathLike, *, size: int, opset: int =
 
 def _constants_to_initializers(path: Path) -> None:
     """The exporter writes scales and zero points as Constant nodes; compile's tools (the
-    TensorRT converter and its rule checks, as NNCF's own graphs) read them as initializers."""
+    TensorRT converter and its rule checks, as NNCF's own graphs) read them as initializers. In the
+    same pass (one load and save) the weights' quantizers are folded into integer weights."""
     import onnx
 
     m = onnx.load(str(path))
