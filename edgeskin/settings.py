@@ -264,10 +264,12 @@ def qat() -> tuple[Setting, ...]:
     """Quantization-aware epochs (``distill --qat-epochs``, a recipe's ``[student]``, ``edgeskin qat``)."""
     return (
         Setting("qat_epochs", int, 0, "Quantization-aware epochs after the float ones: the student's INT8 form "
-                "for --qat-target is trained (NNCF), the ensemble still the teacher, and compile uses it. 0: none.", lo=0, hi=1000),
+                "for --qat-target is trained (NNCF; tflite: torchao PT2E), and compile uses it. 0: none.",
+                lo=0, hi=1000),
         Setting("qat_target", str, "cpu", "The INT8 form trained, and the compile target that uses it: cpu (ONNX "
-                "Runtime: INT8 weights, UINT8 activations) | jetson (TensorRT: symmetric INT8).",
-                choices=("cpu", "jetson")),
+                "Runtime: INT8 weights, UINT8 activations) | jetson (TensorRT: symmetric INT8) | tflite (LiteRT: "
+                "INT8, litert-torch's quantizer).",
+                choices=("cpu", "jetson", "tflite")),
         Setting("qat_objective", str, "match", "What the quantization-aware epochs fit: match (the float "
                 "student's own logits, mean squared error, SGD, classifier fixed: fits only what quantization "
                 "changed) | distill (the ensemble's distillation loss plus the two terms below, Adam).",
@@ -290,7 +292,7 @@ def qat_single() -> tuple[Setting, ...]:
     q = {s.name: s for s in qat()}
     return (
         replace(q["qat_epochs"], default=1, lo=1, flags=("--epochs", "--qat-epochs"),
-                help="Quantization-aware epochs (NNCF) on the split's training images."),
+                help="Quantization-aware epochs (NNCF; tflite: torchao PT2E) on the split's training images."),
         replace(q["qat_target"], flags=("--target", "--qat-target")),
         replace(q["qat_objective"], flags=("--objective", "--qat-objective")),
         replace(q["qat_lr"], flags=("--lr", "--qat-lr")),

@@ -471,3 +471,54 @@ def test_the_phone_input_folds_1_over_std_into_the_first_convolution_exactly():
 
     kept = phone_io_module(ShiftFirst().eval(), input_type="uint8", **kw)
     assert kept.scaled
+
+
+def test_a_checkpoint_trained_quantization_aware_for_tflite_compiles_with_its_learned_form(trained, built, ctx,
+                                                                                           tmp_path):
+    """`edgeskin qat MEMBER.json --target tflite` writes the PT2E program beside the checkpoint (its
+    hash in the checkpoint's JSON); the tflite compile builds the INT8 model from it (no fresh
+    calibration) when its options are the ones the form was trained with, calibrates afresh
+    otherwise or with qat off, and refuses a program whose hash does not match."""
+    from typer.testing import CliRunner
+
+    from edgeskin.cli import app
+    from edgeskin.errors import CheckpointError
+    from edgeskin.fileio import sha256_file
+    from edgeskin.progress import NullReporter
+    from edgeskin.targets import get_target
+    from edgeskin.targets.prepare import select_member
+
+    src = tmp_path / "m"
+    shutil.copytree(trained, src)
+    member = src / "member0.json"
+    r = CliRunner().invoke(app, ["qat", str(member), "--data", str(built.data), "--target", "tflite", "--epochs", "1",
+                                 "--steps-per-epoch", "2", "--batch-size", "8", "--device", "cpu"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(member.read_text())["qat"]["tflite"]
+    pt2 = src / rec["pt2"]["file"]
+    assert pt2.name == "member0.qat-tflite.pt2" and sha256_file(pt2) == rec["pt2"]["sha256"]
+    assert rec["tool"] == "torchao-pt2e" and "INT8 graph for tflite" in r.output
+
+    phone = get_target("tflite")
+    res = phone.compile(src, precision="int8", dataset=ctx["ds"], split=ctx["split"], out=tmp_path / "q.edgeskin",
+                        calibration=ctx["cal"], first_conv_float=True, force=True, threads=1)
+    q = res.manifest.provenance["quantization"]
+    assert q["mode"] == "quantization-aware" and q["qat"]["pt2"]["sha256"] == rec["pt2"]["sha256"]
+    assert "calibration" not in res.manifest.provenance
+    assert res.manifest.input.dtype == "uint8"  # the phone form as ever: pixels in
+    with load(res.bundle) as pred:
+        assert selftest(pred).passed
+
+    ck, quiet = select_member(src, None, target="tflite"), NullReporter()
+    assert phone._trained_form(ck, qat="auto", first_conv_float=True, int8_adds=False, reporter=quiet)[0] == pt2
+    # other float layers than the form's, or qat off: calibrated afresh
+    assert phone._trained_form(ck, qat="auto", first_conv_float=False, int8_adds=False, reporter=quiet) is None
+    assert phone._trained_form(ck, qat="auto", first_conv_float=True, int8_adds=True, reporter=quiet) is None
+    assert phone._trained_form(ck, qat="off", first_conv_float=True, int8_adds=False, reporter=quiet) is None
+
+    pt2.write_bytes(pt2.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match=pt2.name):
+        phone.compile(src, precision="int8", dataset=ctx["ds"], split=ctx["split"], out=tmp_path / "d.edgeskin",
+                      calibration=ctx["cal"], first_conv_float=True, force=True, threads=1)
+    assert not (tmp_path / "d.edgeskin").exists()

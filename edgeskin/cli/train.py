@@ -155,9 +155,10 @@ def qat(
     """Fine-tune one checkpoint quantization-aware for a compile target, before `edgeskin compile`.
 
     The same epochs as `distill --qat-epochs`, for a model that is already trained: its INT8 form
-    for --target is trained with NNCF on the split's training images, the teacher being --teacher
-    or the checkpoint's own float model. The checkpoint's weights stay as they are; the INT8 graph
-    goes beside it (NAME.qat-TARGET.onnx, recorded in NAME.json), and compile for that target uses it.
+    for --target is trained (NNCF; tflite: torchao PT2E) on the split's training images, matching
+    the checkpoint's own float logits (or, with --objective distill, learning from --teacher). The
+    checkpoint's weights stay as they are; the INT8 form goes beside it (NAME.qat-TARGET.onnx, for
+    tflite NAME.qat-tflite.pt2, recorded in NAME.json), and compile for that target uses it.
     """
     from ..data import read_split
     from ..train import qat_checkpoint
@@ -175,8 +176,11 @@ def qat(
               + (f"teacher {teacher or 'itself'}" if cfg.qat.objective == "distill" else "matching its own float logits"))
     rec = qat_checkpoint(checkpoint, cfg, dataset=ds, split=s, teacher_path=teacher, reporter=reporter(),
                          skip_bad=skip_bad, compute=compute)
-    onnx_file = checkpoint.with_name(rec["onnx"]["file"]) if rec.get("onnx") else None
-    line = f"INT8 graph for {cfg.qat.target}: {onnx_file}"
+    from ..train.qat import qat_artefact_key
+
+    entry = rec.get(qat_artefact_key(cfg.qat.target))
+    form = checkpoint.with_name(entry["file"]) if entry else None
+    line = f"INT8 graph for {cfg.qat.target}: {form}"
     if "val_agreement_after" in rec:
         line += (f" (simulated top-1 agreement with the float model on validation: "
                  f"{100 * rec['val_agreement_before']:.2f}% before, {100 * rec['val_agreement_after']:.2f}% after)")

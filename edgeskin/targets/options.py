@@ -26,7 +26,7 @@ OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "fallback_max_layers": (12, ("cpu", "jetson")),
     "control_metric": ("agreement", ("cpu", "jetson")),
     "opset": (None, ("cpu", "jetson")),
-    "qat": ("auto", ("cpu", "jetson")),
+    "qat": ("auto", ("cpu", "jetson", "tflite")),
     "jetpack": (None, ("jetson",)),
     "layout": ("NHWC", ("tflite",)),
     "int8_adds": (False, ("tflite",)),
@@ -91,7 +91,7 @@ def compile_kwargs(target: Any, typed: str, options: dict[str, Any], *, where: s
         kw: dict[str, Any] = {"layout": str(val["layout"]).upper(), "int8_adds": bool(val["int8_adds"]),
                               "observer": val["observer"], "first_conv_float": bool(val["first_conv_float"]),
                               "input_type": val["input_type"], "output_kind": val["output_kind"],
-                              "device": device}
+                              "device": device, "qat": str(val["qat"])}
         kw["subset_size"] = int(val["subset_size"])
         return kw
     from ..quantize import QuantizeOptions

@@ -6,7 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -183,45 +183,72 @@ def _finish(ck: Any, onnx_path: Path, export: dict[str, Any], x: np.ndarray, y: 
                     Path(ck.path) if ck.source == "edgeskin" else None)
 
 
+def trained_form(name: str, config: dict[str, Any], path: Path | None, sha256: str, target: str, *,
+                 off: bool, misfit: Callable[[dict[str, Any]], str | None],
+                 reporter: Reporter) -> tuple[Path, dict[str, Any]] | None:
+    """The file and record of the INT8 form that quantization-aware training made of a checkpoint
+    (``config``, read from ``path``, hash ``sha256``) for ``target``, checked against the hash the
+    checkpoint records; None when it has none for this target, or the compile step turned it
+    ``off``, or ``misfit(record)`` names compile options the form was not trained with."""
+    trained = config.get("qat") or {}
+    if not trained or path is None or off:
+        return None
+    qat = trained.get(target)
+    if not qat:
+        reporter.message(f"{name} was trained quantization-aware for {', '.join(sorted(trained))}, not "
+                         f"{target}: calibrating afresh")
+        return None
+    if qat.get("student_sha256") != sha256:
+        reporter.message(f"{name}'s quantization-aware graph was made from other weights: calibrating afresh")
+        return None
+    why = misfit(qat)
+    if why:
+        reporter.message(f"{name}'s quantization-aware graph {why}: calibrating afresh (--qat off says so)")
+        return None
+    from ..fileio import sha256_file
+    from ..train.qat import qat_artefact_key
+
+    entry = qat.get(qat_artefact_key(target)) or {}
+    file = path.parent / str(entry.get("file"))
+    if not file.is_file():
+        raise CheckpointError(f"{file}: the quantization-aware INT8 graph of {name} is missing",
+                              "copy it beside the checkpoint, or compile with --qat off")
+    if sha256_file(file) != entry.get("sha256"):
+        raise CheckpointError(f"{file}: does not match the hash {path.name} records for it",
+                              "restore the file written with the checkpoint, or compile with --qat off")
+    return file, qat
+
+
+def qat_record(qat: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """What a bundle's provenance says of the quantization-aware form it was compiled from."""
+    return {"tool": qat.get("tool", "nncf"), "nncf_version": qat.get("nncf_version"), "mode": "quantization-aware",
+            "qat": {k: qat.get(k) for k in ("target", "preset", "quantizer", "observer", "float_modules", "config",
+                                           "steps", "val_agreement_before", "val_agreement_after", "onnx", "pt2")
+                    if k in qat},
+            "options": options}
+
+
 def qat_graph(prep: Prepared, target: str, options: Any, reporter: Reporter) -> tuple[Any, dict[str, Any]] | None:
     """The INT8 graph a student trained quantization-aware for ``target`` carries (its learned
     ranges and weights), checked against the hash its checkpoint records; None when it has none
     for this target, or ``options.qat`` is off, or the compile options ask for other float layers."""
-    trained = prep.config.get("qat") or {}
-    if not trained or prep.path is None or getattr(options, "qat", "auto") == "off":
+
+    def misfit(qat: dict[str, Any]) -> str | None:
+        trained_fcf = bool(qat.get("config", {}).get("first_conv_float", True))
+        if trained_fcf != bool(options.first_conv_float) or options.ignored or not options.keep_head_float \
+                or options.max_drop is not None or options.fallback_agreement is not None:
+            return (f"keeps {'the first convolution and ' if trained_fcf else ''}the classifier in float; these "
+                    "compile options ask for another float set")
         return None
-    qat = trained.get(target)
-    if not qat:
-        reporter.message(f"{prep.name} was trained quantization-aware for {', '.join(sorted(trained))}, not "
-                         f"{target}: calibrating afresh")
-        return None
-    if qat.get("student_sha256") != prep.sha256:
-        reporter.message(f"{prep.name}'s quantization-aware graph was made from other weights: calibrating afresh")
-        return None
-    trained_fcf = bool(qat.get("config", {}).get("first_conv_float", True))
-    if trained_fcf != bool(options.first_conv_float) or options.ignored or not options.keep_head_float \
-            or options.max_drop is not None or options.fallback_agreement is not None:
-        reporter.message(f"{prep.name}'s quantization-aware graph keeps "
-                         f"{'the first convolution and ' if trained_fcf else ''}the classifier in float; these "
-                         "compile options ask for another float set: calibrating afresh (--qat off says so)")
+
+    found = trained_form(prep.name, prep.config, prep.path, prep.sha256, target,
+                         off=getattr(options, "qat", "auto") == "off", misfit=misfit, reporter=reporter)
+    if found is None:
         return None
     import onnx
 
-    from ..errors import CheckpointError
-    from ..fileio import sha256_file
-
-    path = prep.path.parent / qat["onnx"]["file"]
-    if not path.is_file():
-        raise CheckpointError(f"{path}: the quantization-aware INT8 graph of {prep.name} is missing",
-                              "copy it beside the checkpoint, or compile with --qat off")
-    if sha256_file(path) != qat["onnx"]["sha256"]:
-        raise CheckpointError(f"{path}: does not match the hash {prep.path.name} records for it",
-                              "restore the file written with the checkpoint, or compile with --qat off")
-    record = {"tool": qat.get("tool", "nncf"), "nncf_version": qat.get("nncf_version"), "mode": "quantization-aware",
-              "qat": {k: qat.get(k) for k in ("target", "preset", "float_modules", "config", "steps",
-                                             "val_agreement_before", "val_agreement_after", "onnx")},
-              "options": options.to_dict()}
-    return onnx.load(str(path)), record
+    path, qat = found
+    return onnx.load(str(path)), qat_record(qat, options.to_dict())
 
 
 def calibration_inputs(cal, dataset: Dataset, split: Split, pre: PreprocessConfig,  # noqa: ANN001

@@ -222,6 +222,17 @@ def _quantization_config(observer: str) -> Any:
     return dataclasses.replace(cfg, input_activation=act, output_activation=act)
 
 
+def _static_int8(litert_torch: Any, net: Any, sample: tuple) -> bytes:
+    """``net``, which already holds PT2E's quantize/dequantize ops (a converted program), as an
+    INT8 LiteRT model; litert-torch reads only the quantizer's kind (static) from the config."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    static = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return bytes(_quiet(lambda: litert_torch.convert(net, sample, quant_config=QuantConfig(pt2e_quantizer=static))
+                        .model_content()))
+
+
 def to_fp16(model: bytes) -> bytes:
     """Float16 weights (with DEQUANTIZE ops), float32 compute and I/O: TFLite's "float16
     quantization". (litert-torch's own fp16 recipe fails to build its interpreter here.)"""
@@ -350,6 +361,7 @@ class TfliteTarget(Target):
         input_type: str = "uint8",
         output_kind: str = "probabilities",
         subset_size: int = 512,
+        qat: str = "auto",
         device: str | None = None,
         force: bool = False,
         overwrite: bool = False,
@@ -384,6 +396,8 @@ class TfliteTarget(Target):
         self.check_device_precision(profile, precision)
         ck = select_member(model, member, target="tflite")
         pre, labels = ck.preprocess, ck.labels
+        learned = self._trained_form(ck, qat=qat, first_conv_float=first_conv_float, int8_adds=int8_adds,
+                                     reporter=reporter) if precision == "int8" else None
         val, val_x, val_y = load_eval_set(split.apply(dataset, "val"), pre, labels, what="validation",
                                           reporter=reporter)
         val_ids = [s.image_id for s in val.samples]
@@ -399,6 +413,12 @@ class TfliteTarget(Target):
             to_model = lambda a: to_layout(pixels(a, mean255, std255, bgr))  # noqa: E731
         else:
             to_model = to_layout
+        if learned is not None:  # the INT8 form trained quantization-aware, in place of the float network
+            from ..train.qat import load_pt2
+
+            reporter.message(f"{ck.name} was trained quantization-aware for {self.name}: its learned ranges and "
+                             "weights make the INT8 model (no fresh calibration)")
+            net = load_pt2(learned[0])
         net = phone_io_module(net, mean255=mean255, std255=std255, bgr=bgr, input_type=input_type,
                               output_kind=output_kind, layout=layout, size=pre.size)
         first = to_model(val_x[:1])
@@ -414,10 +434,16 @@ class TfliteTarget(Target):
 
         try:
             with third_party_output():  # the converter's stage lines (shown with --verbose)
-                data = self._convert(litert_torch, net, sample, precision, calibration, dataset, split, pre,
-                                     to_model, record, int8_adds=int8_adds, observer=observer,
-                                     subset_size=subset_size, first_conv_float=first_conv_float, ck=ck,
-                                     input_type=input_type, reporter=reporter)
+                if learned is not None:
+                    data = _static_int8(litert_torch, net, sample)
+                    record["quantization"] = ("quantization-aware (torchao PT2E, litert-torch's quantizer): "
+                                              "per-channel symmetric INT8 weights, per-tensor INT8 activations; "
+                                              "classifier in float")
+                else:
+                    data = self._convert(litert_torch, net, sample, precision, calibration, dataset, split, pre,
+                                         to_model, record, int8_adds=int8_adds, observer=observer,
+                                         subset_size=subset_size, first_conv_float=first_conv_float, ck=ck,
+                                         input_type=input_type, reporter=reporter)
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - a converter failure becomes a clear error
@@ -452,8 +478,14 @@ class TfliteTarget(Target):
                               "output": output_kind}
         provenance = {**model_provenance(ck.name, ck.config["arch"], ck.sha256, ck.config, split),
                       "conversion": record, "device": {"profile": profile.name, "title": profile.title}}
-        if precision == "int8" and calibration is not None:
+        if learned is not None:
+            from .prepare import qat_record
+
+            provenance["quantization"] = qat_record(learned[1], {"first_conv_float": bool(first_conv_float),
+                                                                 "int8_adds": False, "qat": qat})
+        elif precision == "int8" and calibration is not None:
             provenance["calibration"] = calibration.summary()
+            provenance["quantization"] = {"mode": "post-training", "observer": observer}
         extra: dict[str, Any] = {}
         if layout == "NHWC" and input_type == "uint8":
             reporter.message("measuring whole-image resize against the centre crop on the validation split")
@@ -481,6 +513,25 @@ class TfliteTarget(Target):
         finally:
             reporter.stop()
 
+    def _trained_form(self, ck: Any, *, qat: str, first_conv_float: bool, int8_adds: bool,
+                      reporter: Reporter) -> tuple[Path, dict[str, Any]] | None:
+        """The PT2E program quantization-aware training made of ``ck`` for this target (file,
+        record), when the compile options are the ones it was trained with."""
+        from .prepare import trained_form
+
+        if qat not in ("auto", "off"):
+            raise ConfigError(f"unknown qat setting {qat!r}", "choose auto or off")
+
+        def misfit(rec: dict[str, Any]) -> str | None:
+            trained_fcf = bool(rec.get("config", {}).get("first_conv_float", True))
+            if trained_fcf != bool(first_conv_float) or int8_adds:
+                return (f"keeps {'the first convolution, ' if trained_fcf else ''}the residual additions and the "
+                        "classifier in float; these compile options ask for another float set")
+            return None
+
+        return trained_form(ck.name, ck.config, Path(ck.path) if ck.source == "edgeskin" else None, ck.sha256,
+                            self.name, off=qat == "off", misfit=misfit, reporter=reporter)
+
     def _convert(self, litert_torch: Any, net: Any, sample: Any, precision: str, calibration: Any, dataset: Any,
                  split: Any, pre: Any, to_layout: Any, record: dict[str, Any], *, int8_adds: bool, observer: str,
                  subset_size: int, first_conv_float: bool, ck: Any, input_type: str, reporter: Any) -> Any:
@@ -500,39 +551,58 @@ class TfliteTarget(Target):
     def _int8(self, litert_torch: Any, net: Any, calibration: CalibrationSet, dataset: Dataset, split: Split,
               pre: Any, to_layout: Any, sample: tuple, *, int8_adds: bool, observer: str, subset_size: int,
               float_modules: tuple[str, ...], input_type: str, reporter: Reporter) -> tuple[bytes, dict[str, Any]]:
-        import torch
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
-        from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
         cal = calibration_inputs(calibration, dataset, split, pre, reporter)[: max(1, subset_size)]
-        qcls = _residual_quantizer_class() if int8_adds else PT2EQuantizer
-        # the network sits under PhoneIO's ``net``; the wrapper's normalisation and softmax stay float
-        qcls = _skipping(qcls, tuple("net." + m for m in float_modules), io_wrapper="net")
-        q = qcls().set_global(_quantization_config(observer))
-        # keep the classifier in float: litert's module-type filter compares the type *names*
-        # torch.export records, so the class must be given by its qualified name
-        q.set_module_type("torch.nn.modules.linear.Linear", None)
-        g = torch.export.export(net, sample).module()
-        import contextlib
-        import io
 
-        with contextlib.redirect_stdout(io.StringIO()):  # litert prints one line per shared ReLU module
-            g = prepare_pt2e(g, q)
-        reporter.start(f"calibrating ({len(cal)} images, {observer} observer)", len(cal))
-        with torch.no_grad():
+        def inputs() -> Any:
             for x in cal:
                 xi = to_layout(x)
-                g(torch.from_numpy(xi.astype(np.uint8) if input_type == "uint8" else xi))
-                reporter.advance(1)
-        reporter.stop()
-        g = convert_pt2e(g, fold_quantize=False)
-        data = _quiet(lambda: litert_torch.convert(g, sample, quant_config=QuantConfig(pt2e_quantizer=q)).model_content())
-        return bytes(data), {"quantization": "PT2E static: per-channel symmetric INT8 weights, per-tensor INT8 "
-                                             "activations; classifier in float",
-                             "observer": observer, "calibration_samples": len(cal),
-                             "float_modules": list(float_modules),
-                             "residual_adds": "int8" if int8_adds else "float"}
+                yield xi.astype(np.uint8) if input_type == "uint8" else xi
+
+        data = post_training_int8(litert_torch, net, sample, inputs(), n=len(cal), int8_adds=int8_adds,
+                                  observer=observer, float_modules=float_modules, reporter=reporter)
+        return data, {"quantization": "PT2E static: per-channel symmetric INT8 weights, per-tensor INT8 "
+                                      "activations; classifier in float",
+                      "observer": observer, "calibration_samples": len(cal),
+                      "float_modules": list(float_modules),
+                      "residual_adds": "int8" if int8_adds else "float"}
+
+
+def post_training_int8(litert_torch: Any, net: Any, sample: tuple, inputs: Any, *, n: int, int8_adds: bool,
+                       observer: str, float_modules: tuple[str, ...], wrapper: str | None = "net",
+                       reporter: Reporter | None = None) -> bytes:
+    """The tflite compile step's post-training INT8 of ``net`` (PT2E static quantization with
+    litert-torch's quantizer, calibrated on ``inputs``, ``n`` model inputs fed one at a time, with
+    ``observer``), converted by litert-torch. ``float_modules``: the network's modules kept in float;
+    ``wrapper``: the attribute under which :class:`PhoneIO` holds the network (its own nodes stay
+    float), or None for a bare network. The classifier stays float."""
+    import contextlib
+    import io
+
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    reporter = reporter or NullReporter()
+    qcls = _residual_quantizer_class() if int8_adds else PT2EQuantizer
+    prefix = f"{wrapper}." if wrapper else ""
+    qcls = _skipping(qcls, tuple(prefix + m for m in float_modules), io_wrapper=wrapper)
+    q = qcls().set_global(_quantization_config(observer))
+    # keep the classifier in float: litert's module-type filter compares the type *names*
+    # torch.export records, so the class must be given by its qualified name
+    q.set_module_type("torch.nn.modules.linear.Linear", None)
+    g = torch.export.export(net, sample).module()
+    with contextlib.redirect_stdout(io.StringIO()):  # litert prints one line per shared ReLU module
+        g = prepare_pt2e(g, q)
+    reporter.start(f"calibrating ({n} images, {observer} observer)", n)
+    with torch.no_grad():
+        for x in inputs:
+            g(torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x)
+            reporter.advance(1)
+    reporter.stop()
+    g = convert_pt2e(g, fold_quantize=False)
+    return bytes(_quiet(lambda: litert_torch.convert(g, sample, quant_config=QuantConfig(pt2e_quantizer=q))
+                        .model_content()))
 
 
 register(TfliteTarget())

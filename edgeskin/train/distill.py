@@ -571,8 +571,8 @@ def qat_checkpoint(
     The same epochs as ``distill --qat-epochs`` (:func:`qat_phase`), on the split's training
     images. The teacher is the ensemble at ``teacher_path``, or by default the checkpoint's own
     float model (the INT8 form learns to keep the float model's decisions). The checkpoint's
-    weights are not changed: the trained INT8 graph is written beside it
-    (``NAME.qat-TARGET.onnx``) and recorded, with its hash, in the checkpoint's JSON, where
+    weights are not changed: the trained INT8 form is written beside it
+    (``NAME.qat-TARGET.onnx``, for tflite ``.pt2``) and recorded, with its hash, in the checkpoint's JSON, where
     ``compile`` for that target finds it. Re-running with the same settings skips the work.
     Returns the record."""
     from ..models.checkpoint import load_checkpoint
@@ -620,8 +620,11 @@ def qat_checkpoint(
 
 
 def qat_file(checkpoint: Path, target: str) -> Path:
-    """Where the INT8 graph that quantization-aware training made for ``target`` is kept."""
-    return checkpoint.with_name(f"{checkpoint.name.removesuffix('.json')}.qat-{target}.onnx")
+    """Where the INT8 form that quantization-aware training made for ``target`` is kept: a QDQ
+    ONNX graph, or for tflite a PT2E program (``.pt2``)."""
+    from .qat import qat_suffix
+
+    return checkpoint.with_name(f"{checkpoint.name.removesuffix('.json')}.qat-{target}{qat_suffix(target)}")
 
 
 def qat_phase(checkpoint: Path, cfg: DistillConfig, *, digest: str, train_arrays: Sequence[np.ndarray],
@@ -630,23 +633,24 @@ def qat_phase(checkpoint: Path, cfg: DistillConfig, *, digest: str, train_arrays
     """The quantization-aware epochs after the float ones (:mod:`edgeskin.train.qat`).
 
     The float student stays the student (the FP32 model every bundle is compared with); these
-    epochs make its INT8 form for ``cfg.qat.target``: a QDQ ONNX graph of the learned weights and
-    ranges, written beside the checkpoint (``student.qat-TARGET.onnx``) with its record and hash in
+    epochs make its INT8 form for ``cfg.qat.target``: a QDQ ONNX graph (tflite: a PT2E program) of
+    the learned weights and ranges, written beside the checkpoint (``student.qat-TARGET.onnx``,
+    ``.pt2``) with its record and hash in
     the checkpoint's JSON. The compile step for that target uses it. A finished one with the same
     settings is not trained again. Returns the record."""
     from ..data import eval_tensors
     from ..fileio import sha256_file
     from ..models.checkpoint import load_checkpoint
     from .batches import make_batches
-    from .qat import export_qdq, train_qat
+    from .qat import export_pt2, export_qdq, qat_artefact_key, train_qat
 
     q = cfg.qat
     meta_path = Path(checkpoint)
     meta = json.loads(meta_path.read_text())
-    onnx_path = qat_file(meta_path, q.target)
+    form_path, key = qat_file(meta_path, q.target), qat_artefact_key(q.target)
     done = (meta.get("qat") or {}).get(q.target)
-    if (done and done.get("config_digest") == digest and onnx_path.is_file()
-            and sha256_file(onnx_path) == done.get("onnx", {}).get("sha256")):
+    if (done and done.get("config_digest") == digest and form_path.is_file()
+            and sha256_file(form_path) == done.get(key, {}).get("sha256")):
         reporter.message(f"{meta_path.stem}: quantization-aware epochs for {q.target} already done, skipping")
         return done
     rank, _ = dist_info()
@@ -659,15 +663,16 @@ def qat_phase(checkpoint: Path, cfg: DistillConfig, *, digest: str, train_arrays
     pick = np.sort(rng.choice(len(train_arrays), size=min(q.calibration_size, len(train_arrays)), replace=False))
     calibration = torch.from_numpy(eval_tensors([train_arrays[i] for i in pick], pre)).to(compute.device)
     batches = make_batches(train_arrays, pre, cfg.train.augment, cfg.train.seed, compute)
-    reporter.message(f"{meta_path.stem}: {q.epochs} quantization-aware epoch(s) for {q.target} (NNCF; "
+    tool = "torchao PT2E" if q.target == "tflite" else "NNCF"
+    reporter.message(f"{meta_path.stem}: {q.epochs} quantization-aware epoch(s) for {q.target} ({tool}; "
                      f"{len(pick)} training images set the initial ranges)")
     res = train_qat(model, q, batches=batches, n_train=len(train_arrays), teacher_probs=teacher_probs,
                     hard_loss=hard_loss if cfg.alpha < 1.0 else None, calibration=calibration,
                     temperature=cfg.temperature, alpha=cfg.alpha, val_inputs=val_x, reporter=reporter)
-    export_qdq(res.model.cpu(), onnx_path, size=pre.size)
+    (export_pt2 if q.target == "tflite" else export_qdq)(res.model.cpu(), form_path, size=pre.size)
     record = dict(res.record)
     record.update({"target": q.target, "config_digest": digest, "student_sha256": start.sha256,
-                   "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)}})
+                   key: {"file": form_path.name, "sha256": sha256_file(form_path)}})
     meta = json.loads(meta_path.read_text())
     meta.setdefault("qat", {})[q.target] = record
     write_json(meta_path, meta)

@@ -14,8 +14,14 @@ What each target simulates (the INT8 form its compile step writes):
   activation quantizer signed (zero point 0, range/127): TensorRT's explicit-quantization form,
   which the jetson target's compile step writes too.
 
-LiteRT (``tflite``) has no quantization-aware form here: its compile step quantizes with
-litert-torch's PT2E quantizer, which cannot take a QDQ graph.
+- ``tflite`` (LiteRT): torchao's PT2E with litert-torch's own quantizer, the one the tflite
+  compile step quantizes with: per-channel symmetric INT8 weights, per-tensor INT8 activations,
+  residual additions float, the classifier float. The fake quantizers are torchao's, started by
+  the compile step's observers (``minmax`` or ``mean_minmax``) and then fixed. The result is the
+  converted PT2E program (``torch.export``, ``.pt2``); the tflite compile step wraps it in the phone
+  input/output layer and converts it with litert-torch, the learned weights and ranges as they are.
+  (litert-torch's own QAT annotators for a convolution followed by BatchNorm fail under this
+  torch; with the BatchNorm folded first, as below, there is none to annotate.)
 
 BatchNorm is folded into the convolutions before quantizers are placed (what every INT8
 compile does), so the weights trained are the weights the INT8 graph carries.
@@ -60,18 +66,31 @@ from torch import nn
 
 from ..errors import ConfigError, require
 
-QAT_TARGETS = ("cpu", "jetson")
+QAT_TARGETS = ("cpu", "jetson", "tflite")
 OBJECTIVES = ("match", "distill")
 DEFAULT_LR = {"match": 3e-3, "distill": 3e-6}
-_TARGET_ALIASES = {"onnx": "cpu", "ort": "cpu", "onnxruntime": "cpu", "tensorrt": "jetson", "trt": "jetson"}
+#: the starting ranges the tflite form can take: its compile step's observers of those names
+LITERT_ESTIMATORS = ("minmax", "mean_minmax")
+_TARGET_ALIASES = {"onnx": "cpu", "ort": "cpu", "onnxruntime": "cpu", "tensorrt": "jetson", "trt": "jetson",
+                   "litert": "tflite", "android": "tflite", "ios": "tflite", "phone": "tflite"}
 
 
 def qat_target(name: str) -> str:
     t = _TARGET_ALIASES.get(name, name)
     if t not in QAT_TARGETS:
-        raise ConfigError(f"unknown QAT target {name!r}", f"choose one of: {', '.join(QAT_TARGETS)} (the tflite "
-                          "target compiles with LiteRT's own post-training quantization; it has no QAT form yet)")
+        raise ConfigError(f"unknown QAT target {name!r}", f"choose one of: {', '.join(QAT_TARGETS)}")
     return t
+
+
+def qat_suffix(target: str) -> str:
+    """The file type of ``target``'s trained INT8 form: a QDQ ONNX graph, or for tflite a PT2E
+    program (.pt2)."""
+    return ".pt2" if qat_target(target) == "tflite" else ".onnx"
+
+
+def qat_artefact_key(target: str) -> str:
+    """The key of the INT8 form's file and hash in a checkpoint's ``qat.TARGET`` record."""
+    return qat_suffix(target).lstrip(".")
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,10 @@ class QatConfig:
         if self.range_estimator not in estimators:
             raise ConfigError(f"unknown QAT range estimator {self.range_estimator!r}",
                               f"choose one of: {', '.join(estimators)}")
+        if self.target == "tflite" and self.range_estimator not in LITERT_ESTIMATORS:
+            raise ConfigError(f"QAT range estimator {self.range_estimator!r} has no tflite form",
+                              f"for the tflite target choose one of: {', '.join(LITERT_ESTIMATORS)} (its compile "
+                              "step's observers)")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"QAT learning rate must be > 0, got {self.lr}")
         if self.consistency < 0:
@@ -255,6 +278,94 @@ def freeze_ranges(q: nn.Module, frozen: bool = True) -> None:
             p.requires_grad_(not frozen)
 
 
+# ---------------------------------------------------------------- LiteRT (torchao PT2E)
+
+_BATCH = "batch"
+
+
+def _export_batched(model: nn.Module, example: torch.Tensor) -> Any:
+    """``torch.export`` of ``model`` with a free batch size."""
+    batch = torch.export.Dim(_BATCH, min=1, max=65536)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def quantize_for_litert(folded: nn.Module, calibration: torch.Tensor, *, first_conv_float: bool = True,
+                        range_estimator: str = "minmax") -> tuple[nn.Module, dict[str, Any]]:
+    """The tflite compile step's INT8 form of the BatchNorm-folded ``folded`` with fake quantizers
+    in place (torchao PT2E, litert-torch's quantizer), their ranges set by ``range_estimator`` (the
+    compile step's observer of that name) on ``calibration`` one image at a time, as compile
+    calibrates, and then fixed. Returns the prepared program (eval mode) and a record."""
+    import dataclasses
+
+    require("litert_torch", extra="compress", purpose="quantization-aware training for LiteRT")
+    import torchao
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
+                                           PerChannelMinMaxObserver, allow_exported_model_train_eval,
+                                           disable_observer)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from ..targets.tflite import _skipping
+
+    names, _ = _ignored(folded, first_conv_float)
+    base = get_symmetric_quantization_config(is_per_channel=True)
+    observer = ({"observer": MinMaxObserver} if range_estimator == "minmax"  # as compile's observers
+                else {"observer": MovingAverageMinMaxObserver, "averaging_constant": 0.01})
+    act = dataclasses.replace(base.input_activation,
+                              observer_or_fake_quant_ctr=FakeQuantize.with_args(eps=2**-12, **observer))
+    weight = dataclasses.replace(base.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+        observer=PerChannelMinMaxObserver, eps=2**-12))
+    # is_qat stays False: litert-torch's QAT-only annotators (a convolution followed by BatchNorm)
+    # fail under this torch, and with the BatchNorm folded there is nothing for them to do
+    cfg = dataclasses.replace(base, input_activation=act, output_activation=act, weight=weight)
+    quantizer = _skipping(PT2EQuantizer, tuple(names))().set_global(cfg)
+    quantizer.set_module_type("torch.nn.modules.linear.Linear", None)  # the classifier stays float
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # litert prints one line per shared ReLU module
+        q = prepare_qat_pt2e(_export_batched(folded, calibration[:2]).module(), quantizer)
+    allow_exported_model_train_eval(q)
+    q.eval()
+    with torch.no_grad():
+        for i in range(len(calibration)):
+            q(calibration[i : i + 1])
+    q.apply(disable_observer)  # the ranges stay where calibration put them; the weights learn
+    import litert_torch
+
+    return q, {"tool": "torchao-pt2e", "torchao_version": torchao.__version__,
+               "litert_torch_version": getattr(litert_torch, "__version__", None),
+               "quantizer": "litert-torch PT2EQuantizer: per-channel symmetric INT8 weights, per-tensor INT8 "
+                            "activations; residual additions float",
+               "observer": range_estimator, "float_modules": names + ["type:linear"]}
+
+
+def export_pt2(q: nn.Module, path: str | os.PathLike, *, size: int) -> Path:
+    """The trained tflite form as a ``torch.export`` program (``.pt2``): ``convert_pt2e`` turns its
+    fake quantizers into quantize/dequantize ops with the learned ranges (weights kept as float
+    behind theirs, as the tflite compile step's own conversion takes them)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from ..fileio import atomic_path
+
+    converted = convert_pt2e(copy.deepcopy(q).cpu(), fold_quantize=False)
+    program = _export_batched(converted, torch.zeros(2, 3, size, size))
+    out = Path(path)
+    with atomic_path(out, suffix=".pt2") as tmp:
+        torch.export.save(program, str(tmp))
+    return out
+
+
+def load_pt2(path: str | os.PathLike) -> nn.Module:
+    """A program written by :func:`export_pt2`, as a module (eval mode)."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval  # also registers the quantize ops
+
+    module = torch.export.load(str(path)).module()
+    allow_exported_model_train_eval(module)
+    module.eval()  # (the replaced eval returns None)
+    return module
+
+
 # ---------------------------------------------------------------- training
 
 @dataclass
@@ -297,16 +408,26 @@ def train_qat(
     shadow = copy.deepcopy(folded).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    q, record = quantize_for_training(folded, cfg.target, calibration, first_conv_float=cfg.first_conv_float,
-                                      range_estimator=cfg.range_estimator)
+    litert = cfg.target == "tflite"
+    if litert:  # the PT2E program's ranges are fixed once calibrated
+        q, record = quantize_for_litert(folded, calibration, first_conv_float=cfg.first_conv_float,
+                                        range_estimator=cfg.range_estimator)
+    else:
+        q, record = quantize_for_training(folded, cfg.target, calibration, first_conv_float=cfg.first_conv_float,
+                                          range_estimator=cfg.range_estimator)
+        # the quantizers' ranges stay where calibration put them (what compile would use); the
+        # weights learn. Measured on the tiny lossy model of tests/test_qat.py, learning the ranges
+        # too changed nothing there, and it needs a learning rate of its own per range's scale.
+        freeze_ranges(q)
     if val_inputs is not None:
         record["val_agreement_before"] = simulated_agreement(q, reference, val_inputs)
-    # the quantizers' ranges stay where calibration put them (what compile would use); the
-    # weights learn. Measured on the tiny lossy model of tests/test_qat.py, learning the ranges too
-    # changed nothing there, and it needs a learning rate of its own per range's scale.
-    freeze_ranges(q)
     match = cfg.objective == "match"
     if match:  # the classifier is float in every INT8 form: training it would only move decisions
+        head = {f"{n}.{p}" for n, m in reference.named_modules() if isinstance(m, nn.Linear)
+                for p, _ in m.named_parameters(recurse=False)}
+        for name, p in q.named_parameters():
+            if name in head:
+                p.requires_grad_(False)
         for mod in q.modules():
             if isinstance(mod, nn.Linear):
                 for p in mod.parameters():
@@ -325,10 +446,11 @@ def train_qat(
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        q.train()
-        for mod in q.modules():  # the float student's head has dropout: the INT8 form is fitted without it
-            if isinstance(mod, nn.Dropout):
-                mod.eval()
+        if not litert:  # (the PT2E program stays in eval mode: BatchNorm is folded, dropout off)
+            q.train()
+            for mod in q.modules():  # the float student's head has dropout: the INT8 form is fitted without it
+                if isinstance(mod, nn.Dropout):
+                    mod.eval()
         perm = np.random.default_rng([cfg.seed, epoch, 104729]).permutation(n_train)
         running, seen = 0.0, 0
         reporter.start(f"QAT ({cfg.target}) epoch {epoch + 1}/{cfg.epochs}", steps)
@@ -500,5 +622,6 @@ def _fold_weight_quantizers(m: Any) -> int:
     return folded
 
 
-__all__ = ["OBJECTIVES", "QAT_TARGETS", "QatConfig", "QatResult", "conv_bn_pairs", "export_qdq", "float_weights",
-           "fold_batchnorm", "freeze_ranges", "quantize_for_training", "qat_target", "simulated_agreement", "train_qat"]
+__all__ = ["LITERT_ESTIMATORS", "OBJECTIVES", "QAT_TARGETS", "QatConfig", "QatResult", "conv_bn_pairs", "export_pt2",
+           "export_qdq", "float_weights", "fold_batchnorm", "freeze_ranges", "load_pt2", "qat_artefact_key", "qat_suffix",
+           "quantize_for_litert", "quantize_for_training", "qat_target", "simulated_agreement", "train_qat"]
