@@ -86,6 +86,17 @@ def ort_logits(model_bytes: bytes, x: Any, *, threads: int = 2) -> Any:
     return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
 
 
+def litert_logits(model_bytes: bytes, x: Any, *, threads: int = 2) -> Any:
+    """A LiteRT model's outputs for ``x`` through edgeskin's LiteRT backend (batch 1 models: it runs
+    the images one by one)."""
+    import numpy as np
+
+    from edgeskin.runtime.backends import LiteRTBackend
+
+    b = LiteRTBackend(model_bytes, threads=threads)
+    return np.concatenate([b.run(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+
 class MarginProbe:
     """FP32 logits of named image sets, against which INT8 logits of the same images are read as
     flipped top-1 decisions and as the change in the gap between the FP32 top two classes (the

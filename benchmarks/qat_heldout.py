@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Quantization-aware training against post-training quantization on images neither has seen,
-through ONNX Runtime, never on the test split.
+through ONNX Runtime (cpu, jetson) and LiteRT (tflite), never on the test split.
 
 The training split is cut into the fixed halves of int8_noise.py (``_common.training_halves``).
 Post-training quantization (the quick recipe's settings: minmax ranges, first convolution and
@@ -12,7 +12,10 @@ graph: flipped top-1 decisions, and the spread of the INT8 change in the gap bet
 top two logits (the noise that flips near-ties): standard deviation and a robust one (1.4826 x
 MAD), and |change| quantiles. The jetson forms are TensorRT's symmetric INT8 as compile writes
 them (post-training: ``to_tensorrt_int8``; QAT: trained in that form), run in ONNX Runtime as the
-host proxy runs them.
+host proxy runs them. The tflite forms are the tflite compile step's (its own post-training
+function with the recipe's observer, ``mean_minmax``, and with ``minmax``, which QAT starts from;
+QAT: the PT2E program, converted as compile converts it), with normalised NCHW input and logits
+out, run in LiteRT.
 
 Usage:
     python benchmarks/qat_heldout.py [--run runs/quick] [--targets cpu,jetson] [--seeds 0,1] \\
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MarginProbe, ort_logits, recipe_ptq_options, student_run_args, training_halves  # noqa: E402
+from _common import (MarginProbe, litert_logits, ort_logits, recipe_ptq_options, student_run_args,  # noqa: E402
+                     training_halves)
 
 
 def main() -> None:
@@ -57,7 +61,7 @@ def main() -> None:
     from edgeskin.models import load_ensemble
     from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
-    from edgeskin.train.qat import QatConfig, export_qdq, train_qat
+    from edgeskin.train.qat import QatConfig, export_pt2, export_qdq, load_pt2, train_qat
 
     torch.set_num_threads(a.threads)
     model = a.model or a.run / "student"
@@ -66,14 +70,15 @@ def main() -> None:
     base = onnx.load(prep.onnx_path)
     ck = next(m for m in load_ensemble(model) if m.sha256 == prep.sha256)  # the member prepared
     size = int(xt.shape[-1])
+    arch = ck.config["arch"]
 
     sets = {"train_heldout": xt[held], "val": prep.val_inputs}
     probe = MarginProbe({k: ort_logits(base.SerializeToString(), x, threads=a.threads) for k, x in sets.items()})
 
-    def measure(proto_bytes: bytes) -> dict[str, dict[str, float]]:
+    def measure(model_bytes: bytes, runner: object = ort_logits) -> dict[str, dict[str, float]]:
         out = {}
         for k, x in sets.items():
-            flips, d, sigma, robust = probe.change(k, ort_logits(proto_bytes, x, threads=a.threads))
+            flips, d, sigma, robust = probe.change(k, runner(model_bytes, x, threads=a.threads))
             out[k] = {"flips": flips, "n": len(x), "sigma": sigma, "sigma_robust": robust,
                       "abs_delta_50_90_99": [float(v) for v in np.quantile(np.abs(d), [0.5, 0.9, 0.99])]}
         return out
@@ -86,11 +91,18 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         cal_idx = np.random.default_rng(seed).choice(pool, size=min(512, len(pool)), replace=False)
-        ptq, _ = quantize_onnx(base, [xt[i : i + 1] for i in cal_idx], opts)
-        for target in [t.strip() for t in a.targets.split(",") if t.strip()]:
+        targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+        ptq = (quantize_onnx(base, [xt[i : i + 1] for i in cal_idx], opts)[0]
+               if set(targets) - {"tflite"} else None)
+        for target in targets:
             t0 = time.perf_counter()
-            ptq_form = ptq if target == "cpu" else to_tensorrt_int8(ptq)[0]
-            row = {"seed": seed, "target": target, "ptq": measure(ptq_form.SerializeToString())}
+            if target == "tflite":  # the recipe's observer, and minmax (QAT's start)
+                row = {"seed": seed, "target": target,
+                       "ptq": measure(tflite_ptq(ck.model, arch, xt, cal_idx, "mean_minmax", size), litert_logits),
+                       "ptq_minmax": measure(tflite_ptq(ck.model, arch, xt, cal_idx, "minmax", size), litert_logits)}
+            else:
+                ptq_form = ptq if target == "cpu" else to_tensorrt_int8(ptq)[0]
+                row = {"seed": seed, "target": target, "ptq": measure(ptq_form.SerializeToString())}
             cfg = QatConfig(epochs=a.epochs, target=target, objective=a.objective, lr=a.lr,
                             batch_size=a.batch_size, seed=seed,
                             **({} if a.calibration_size is None else {"calibration_size": a.calibration_size}))
@@ -98,9 +110,14 @@ def main() -> None:
             res = train_qat(ck.model.float().eval(), cfg, batches=Half(), n_train=len(pool),
                             teacher_probs=lambda x, idx: None, hard_loss=None, calibration=cal,
                             temperature=1.0, alpha=1.0)
-            tmp = a.out.with_suffix(f".{target}.tmp.onnx")
-            export_qdq(res.model.cpu(), tmp, size=size)
-            row["qat"] = measure(tmp.read_bytes())
+            if target == "tflite":
+                tmp = a.out.with_suffix(".tflite.tmp.pt2")
+                export_pt2(res.model.cpu(), tmp, size=size)
+                row["qat"] = measure(tflite_model(load_pt2(tmp), size), litert_logits)
+            else:
+                tmp = a.out.with_suffix(f".{target}.tmp.onnx")
+                export_qdq(res.model.cpu(), tmp, size=size)
+                row["qat"] = measure(tmp.read_bytes())
             tmp.unlink()
             row["qat_config"] = cfg.to_dict()
             row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -109,7 +126,8 @@ def main() -> None:
                 f"{k} flips PTQ {row['ptq'][k]['flips']} -> QAT {row['qat'][k]['flips']} of {row['ptq'][k]['n']}, "
                 f"sigma {row['ptq'][k]['sigma']:.4f} -> {row['qat'][k]['sigma']:.4f} (robust "
                 f"{row['ptq'][k]['sigma_robust']:.4f} -> {row['qat'][k]['sigma_robust']:.4f})"
-                for k in sets) + f"  ({row['seconds']:.0f} s)", flush=True)
+                for k in sets) + ("; PTQ minmax " + ", ".join(f"{k} {row['ptq_minmax'][k]['flips']} flips" for k in sets)
+                                  if "ptq_minmax" in row else "") + f"  ({row['seconds']:.0f} s)", flush=True)
     summary = {}
     for target in sorted({r["target"] for r in rows}):
         rs = [r for r in rows if r["target"] == target]
@@ -118,14 +136,50 @@ def main() -> None:
                                "ptq_sigma_mean": float(np.mean([r["ptq"][k]["sigma"] for r in rs])),
                                "qat_sigma_mean": float(np.mean([r["qat"][k]["sigma"] for r in rs]))}
                            for k in sets}
+        if all("ptq_minmax" in r for r in rs):
+            for k in sets:
+                summary[target][k].update(
+                    ptq_minmax_flips=sum(r["ptq_minmax"][k]["flips"] for r in rs),
+                    ptq_minmax_sigma_mean=float(np.mean([r["ptq_minmax"][k]["sigma"] for r in rs])))
     record = {"model": str(model), "member": a.member, "split": str(split_path), "eval_sets": {k: len(x) for k, x in sets.items()},
               "fitted_half": len(pool), "rows": rows, "summary": summary,
               "note": "test split not read; QAT fitted and PTQ calibrated on the training half not evaluated; "
-                      "all graphs run in ONNX Runtime"}
+                      "cpu and jetson graphs run in ONNX Runtime, tflite models in LiteRT"}
     write_json(a.out, record)
     print(json.dumps(summary, indent=1))
     if not math.isfinite(sum(s[k]["qat_sigma_mean"] for s in summary.values() for k in sets)):
         raise SystemExit("non-finite noise")
+
+
+def _phone(net: object, size: int) -> object:
+    """``net`` as the tflite compile step wraps it, taking the normalised NCHW tensor, logits out."""
+    from edgeskin.targets.tflite import phone_io_module
+
+    return phone_io_module(net, mean255=(0.0,) * 3, std255=(1.0,) * 3, bgr=False, input_type="normalized",
+                           output_kind="logits", layout="NCHW", size=size)
+
+
+def tflite_ptq(model: object, arch: str, xt: np.ndarray, cal_idx: np.ndarray, observer: str, size: int) -> bytes:
+    """The tflite compile step's post-training INT8 (first convolution and classifier float)."""
+    import litert_torch
+    import torch
+
+    from edgeskin.targets.tflite import STEMS, post_training_int8
+
+    net = _phone(model.float().eval(), size)
+    sample = (torch.from_numpy(np.ascontiguousarray(xt[cal_idx[:1]])),)
+    return post_training_int8(litert_torch, net, sample, (xt[i : i + 1] for i in cal_idx), n=len(cal_idx),
+                              int8_adds=False, observer=observer, float_modules=STEMS[arch])
+
+
+def tflite_model(program: object, size: int) -> bytes:
+    """A QAT program converted as the tflite compile step converts it."""
+    import litert_torch
+    import torch
+
+    from edgeskin.targets.tflite import _static_int8
+
+    return _static_int8(litert_torch, _phone(program, size), (torch.zeros(1, 3, size, size),))
 
 
 if __name__ == "__main__":
