@@ -411,12 +411,17 @@ def train_qat(
     reporter = reporter or NullReporter()
 
     torch.manual_seed(cfg.seed)
-    folded, pairs = fold_batchnorm(model)
+    litert = cfg.target == "tflite"
+    if litert and calibration.device.type != "cpu":
+        # torchao's PT2E programs are exported, prepared and converted on the CPU here (its
+        # prepare step does not yet move the fake quantizers it inserts to the model's device)
+        reporter.message("the tflite form trains on the CPU (torchao PT2E)")
+        calibration = calibration.cpu()
+    folded, pairs = fold_batchnorm(model.to(calibration.device) if litert else model)
     reference = copy.deepcopy(folded).eval()  # NNCF adds its quantizers to ``folded`` itself
     shadow = copy.deepcopy(folded).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    litert = cfg.target == "tflite"
     if litert:  # the PT2E program's ranges are fixed once calibrated
         q, record = quantize_for_litert(folded, calibration, first_conv_float=cfg.first_conv_float,
                                         range_estimator=cfg.range_estimator)
@@ -467,10 +472,11 @@ def train_qat(
             if len(idx) == 0:
                 break
             x = batches.batch(idx, epoch).float().contiguous()
-            logits = q(x)
+            # (the tflite form runs on the CPU; its logits join the losses where the batches are)
+            logits = q(x.to(calibration.device)).to(x.device)
             if match:
                 with torch.no_grad():
-                    ref_logits = reference(x).float()
+                    ref_logits = reference(x.to(calibration.device)).float().to(x.device)
                 loss = nn.functional.mse_loss(logits.float(), ref_logits)
             else:
                 soft = distillation_kl(logits, teacher_probs(x, idx), temperature)
@@ -478,7 +484,7 @@ def train_qat(
                         else alpha * soft + (1 - alpha) * hard_loss(logits, idx))
                 if cfg.consistency > 0 or cfg.agreement > 0:
                     with torch.no_grad():
-                        ref_logits = reference(x).float()
+                        ref_logits = reference(x.to(calibration.device)).float().to(x.device)
                     if cfg.consistency > 0:
                         loss = loss + cfg.consistency * distillation_kl(logits, torch.softmax(ref_logits, dim=1),
                                                                         temperature)
