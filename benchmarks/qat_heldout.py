@@ -61,7 +61,8 @@ def main() -> None:
     from edgeskin.models import load_ensemble
     from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
-    from edgeskin.train.qat import QatConfig, export_pt2, export_qdq, load_pt2, train_qat
+    from edgeskin.targets.tflite import load_qat_program
+    from edgeskin.train.qat import QatConfig, export_pt2, export_qdq, train_qat
 
     torch.set_num_threads(a.threads)
     model = a.model or a.run / "student"
@@ -113,7 +114,7 @@ def main() -> None:
             if target == "tflite":
                 tmp = a.out.with_suffix(".tflite.tmp.pt2")
                 export_pt2(res.model.cpu(), tmp, size=size)
-                row["qat"] = measure(tflite_model(load_pt2(tmp), size), litert_logits)
+                row["qat"] = measure(tflite_model(load_qat_program(tmp), size), litert_logits)
             else:
                 tmp = a.out.with_suffix(f".{target}.tmp.onnx")
                 export_qdq(res.model.cpu(), tmp, size=size)

@@ -335,8 +335,7 @@ def test_the_tflite_form_trained_quantization_aware_beats_the_tflite_compile_ste
     pytest.importorskip("litert_torch")
     import litert_torch
 
-    from edgeskin.targets.tflite import STEMS, _static_int8, post_training_int8
-    from edgeskin.train.qat import load_pt2
+    from edgeskin.targets.tflite import STEMS, _static_int8, load_qat_program, post_training_int8
 
     model, train, held, teacher = _lossy_tiny()
     with torch.no_grad():
@@ -369,7 +368,7 @@ def test_the_tflite_form_trained_quantization_aware_beats_the_tflite_compile_ste
     # the starting point is the compile step's own post-training INT8
     assert res.record["val_agreement_before"] == pytest.approx(ptq_agreement, abs=0.01)
     path = export_pt2(res.model, tmp_path / "student.qat-tflite.pt2", size=16)
-    data = _static_int8(litert_torch, NHWC(load_pt2(path)).eval(), sample)
+    data = _static_int8(litert_torch, NHWC(load_qat_program(path)).eval(), sample)
     qat_agreement = float(np.mean(_litert_top1(data, held.numpy()) == fp32))
     assert res.record["val_agreement_after"] == pytest.approx(qat_agreement, abs=0.01)
     assert ptq_agreement < 0.94, ptq_agreement  # post-training quantization is measurably lossy here

@@ -222,6 +222,18 @@ def _quantization_config(observer: str) -> Any:
     return dataclasses.replace(cfg, input_activation=act, output_activation=act)
 
 
+def load_qat_program(path: str | os.PathLike) -> Any:
+    """The PT2E program quantization-aware training wrote (``edgeskin.train.qat.export_pt2``), as a
+    module in eval mode."""
+    import torch
+    from torchao.quantization.pt2e import allow_exported_model_train_eval  # also registers the quantize ops
+
+    module = torch.export.load(str(path)).module()
+    allow_exported_model_train_eval(module)
+    module.eval()  # (the replaced eval returns None)
+    return module
+
+
 def _static_int8(litert_torch: Any, net: Any, sample: tuple) -> bytes:
     """``net``, which already holds PT2E's quantize/dequantize ops (a converted program), as an
     INT8 LiteRT model; litert-torch reads only the quantizer's kind (static) from the config."""
@@ -414,11 +426,9 @@ class TfliteTarget(Target):
         else:
             to_model = to_layout
         if learned is not None:  # the INT8 form trained quantization-aware, in place of the float network
-            from ..train.qat import load_pt2
-
             reporter.message(f"{ck.name} was trained quantization-aware for {self.name}: its learned ranges and "
                              "weights make the INT8 model (no fresh calibration)")
-            net = load_pt2(learned[0])
+            net = load_qat_program(learned[0])
         net = phone_io_module(net, mean255=mean255, std255=std255, bgr=bgr, input_type=input_type,
                               output_kind=output_kind, layout=layout, size=pre.size)
         first = to_model(val_x[:1])

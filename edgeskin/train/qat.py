@@ -351,7 +351,8 @@ def quantize_for_litert(folded: nn.Module, calibration: torch.Tensor, *, first_c
 def export_pt2(q: nn.Module, path: str | os.PathLike, *, size: int) -> Path:
     """The trained tflite form as a ``torch.export`` program (``.pt2``): ``convert_pt2e`` turns its
     fake quantizers into quantize/dequantize ops with the learned ranges (weights kept as float
-    behind theirs, as the tflite compile step's own conversion takes them)."""
+    behind theirs, as the tflite compile step's own conversion takes them); the compile step reads
+    it back with :func:`edgeskin.targets.tflite.load_qat_program`."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from ..fileio import atomic_path
@@ -362,16 +363,6 @@ def export_pt2(q: nn.Module, path: str | os.PathLike, *, size: int) -> Path:
     with atomic_path(out, suffix=".pt2") as tmp:
         torch.export.save(program, str(tmp))
     return out
-
-
-def load_pt2(path: str | os.PathLike) -> nn.Module:
-    """A program written by :func:`export_pt2`, as a module (eval mode)."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval  # also registers the quantize ops
-
-    module = torch.export.load(str(path)).module()
-    allow_exported_model_train_eval(module)
-    module.eval()  # (the replaced eval returns None)
-    return module
 
 
 # ---------------------------------------------------------------- training
@@ -637,5 +628,5 @@ def _fold_weight_quantizers(m: Any) -> int:
 
 
 __all__ = ["LITERT_ESTIMATORS", "OBJECTIVES", "QAT_TARGETS", "QatConfig", "QatResult", "conv_bn_pairs", "export_pt2",
-           "export_qdq", "float_weights", "fold_batchnorm", "freeze_ranges", "load_pt2", "qat_artefact_key", "qat_suffix",
+           "export_qdq", "float_weights", "fold_batchnorm", "freeze_ranges", "qat_artefact_key", "qat_suffix",
            "quantize_for_litert", "quantize_for_training", "qat_target", "simulated_agreement", "train_qat"]
