@@ -577,6 +577,37 @@ class TfliteTarget(Target):
                       "residual_adds": "int8" if int8_adds else "float"}
 
 
+def litert_quantizer(observer: str, float_modules: tuple[str, ...] | list[str], *, wrapper: str | None = "net",
+                     int8_adds: bool = False, fake_quantize: bool = False) -> Any:
+    """litert-torch's PT2E quantizer as the tflite compile step sets it up: ``observer``'s
+    activation ranges, ``float_modules`` (of the network under ``wrapper``, the attribute under
+    which :class:`PhoneIO` holds it, whose own nodes stay float; None for a bare network) and the
+    classifier kept in float, residual additions quantized with ``int8_adds``. With
+    ``fake_quantize`` every observer sits in a torchao ``FakeQuantize`` (the same ranges, for
+    quantization-aware training)."""
+    import dataclasses
+
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    cfg = _quantization_config(observer)
+    if fake_quantize:
+        from torchao.quantization.pt2e import FakeQuantize
+
+        def fq(spec: Any) -> Any:
+            return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+                observer=spec.observer_or_fake_quant_ctr))
+
+        cfg = dataclasses.replace(cfg, input_activation=fq(cfg.input_activation),
+                                  output_activation=fq(cfg.output_activation), weight=fq(cfg.weight))
+    qcls = _residual_quantizer_class() if int8_adds else PT2EQuantizer
+    prefix = f"{wrapper}." if wrapper else ""
+    q = _skipping(qcls, tuple(prefix + m for m in float_modules), io_wrapper=wrapper)().set_global(cfg)
+    # keep the classifier in float: litert's module-type filter compares the type *names*
+    # torch.export records, so the class must be given by its qualified name
+    q.set_module_type("torch.nn.modules.linear.Linear", None)
+    return q
+
+
 def post_training_int8(litert_torch: Any, net: Any, sample: tuple, inputs: Any, *, n: int, int8_adds: bool,
                        observer: str, float_modules: tuple[str, ...], wrapper: str | None = "net",
                        reporter: Reporter | None = None) -> bytes:
@@ -589,18 +620,11 @@ def post_training_int8(litert_torch: Any, net: Any, sample: tuple, inputs: Any, 
     import io
 
     import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     reporter = reporter or NullReporter()
-    qcls = _residual_quantizer_class() if int8_adds else PT2EQuantizer
-    prefix = f"{wrapper}." if wrapper else ""
-    qcls = _skipping(qcls, tuple(prefix + m for m in float_modules), io_wrapper=wrapper)
-    q = qcls().set_global(_quantization_config(observer))
-    # keep the classifier in float: litert's module-type filter compares the type *names*
-    # torch.export records, so the class must be given by its qualified name
-    q.set_module_type("torch.nn.modules.linear.Linear", None)
+    q = litert_quantizer(observer, float_modules, wrapper=wrapper, int8_adds=int8_adds)
     g = torch.export.export(net, sample).module()
     with contextlib.redirect_stdout(io.StringIO()):  # litert prints one line per shared ReLU module
         g = prepare_pt2e(g, q)

@@ -297,8 +297,6 @@ def quantize_for_litert(folded: nn.Module, calibration: torch.Tensor, *, first_c
     in place (torchao PT2E, litert-torch's quantizer), their ranges set by ``range_estimator`` (the
     compile step's observer of that name) on ``calibration`` one image at a time, as compile
     calibrates, and then fixed. Returns the prepared program (eval mode) and a record."""
-    import dataclasses
-
     import warnings
 
     from ..quiet import third_party_output
@@ -307,27 +305,16 @@ def quantize_for_litert(folded: nn.Module, calibration: torch.Tensor, *, first_c
         warnings.simplefilter("ignore")                                # (shown with --verbose)
         require("litert_torch", extra="compress", purpose="quantization-aware training for LiteRT")
         import torchao
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-        from torchao.quantization.pt2e import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
-                                               PerChannelMinMaxObserver, allow_exported_model_train_eval,
-                                               disable_observer)
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, disable_observer
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from ..targets.tflite import _skipping
+        from ..targets.tflite import litert_quantizer
 
     names, _ = _ignored(folded, first_conv_float)
-    base = get_symmetric_quantization_config(is_per_channel=True)
-    observer = ({"observer": MinMaxObserver} if range_estimator == "minmax"  # as compile's observers
-                else {"observer": MovingAverageMinMaxObserver, "averaging_constant": 0.01})
-    act = dataclasses.replace(base.input_activation,
-                              observer_or_fake_quant_ctr=FakeQuantize.with_args(eps=2**-12, **observer))
-    weight = dataclasses.replace(base.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
-        observer=PerChannelMinMaxObserver, eps=2**-12))
-    # is_qat stays False: litert-torch's QAT-only annotators (a convolution followed by BatchNorm)
-    # fail under this torch, and with the BatchNorm folded there is nothing for them to do
-    cfg = dataclasses.replace(base, input_activation=act, output_activation=act, weight=weight)
-    quantizer = _skipping(PT2EQuantizer, tuple(names))().set_global(cfg)
-    quantizer.set_module_type("torch.nn.modules.linear.Linear", None)  # the classifier stays float
+    # compile's own quantizer and observers, each inside a fake quantizer. is_qat stays False:
+    # litert-torch's QAT-only annotators (a convolution followed by BatchNorm) fail under this
+    # torch, and with the BatchNorm folded there is nothing for them to do
+    quantizer = litert_quantizer(range_estimator, names, wrapper=None, fake_quantize=True)
     import contextlib
     import io
 
@@ -429,13 +416,9 @@ def train_qat(
     if match:  # the classifier is float in every INT8 form: training it would only move decisions
         head = {f"{n}.{p}" for n, m in reference.named_modules() if isinstance(m, nn.Linear)
                 for p, _ in m.named_parameters(recurse=False)}
-        for name, p in q.named_parameters():
+        for name, p in q.named_parameters():  # (NNCF and PT2E keep the float model's names)
             if name in head:
                 p.requires_grad_(False)
-        for mod in q.modules():
-            if isinstance(mod, nn.Linear):
-                for p in mod.parameters():
-                    p.requires_grad_(False)
     weights = [p for p in q.parameters() if p.requires_grad]
     # Adam moves every weight by about its learning rate from the first step, whatever its
     # gradient: near the float optimum that is drift; SGD's step follows the (small) gradient
