@@ -309,7 +309,7 @@ def test_compile_options_map_to_each_target_the_same_way_for_cli_and_recipes():
     from edgeskin.targets.options import compile_kwargs, describe
 
     phone = compile_kwargs(get_target("android"), "android", {"first_conv_float": True})
-    assert phone == {"layout": "NHWC", "int8_adds": False, "observer": "mean_minmax", "first_conv_float": True,
+    assert phone == {"layout": "NHWC", "int8_adds": False, "observer": "max_p95", "first_conv_float": True,
                      "device": "android-arm64", "subset_size": 512, "input_type": "uint8",
                      "output_kind": "probabilities", "qat": "auto"}
     trt = describe(compile_kwargs(get_target("jetson"), "jetson", {"jetpack": "5.1", "ignore": ["/fc/Gemm"]}))

@@ -432,7 +432,7 @@ def test_accuracy_controlled_int8_runs_nncf_accuracy_control(built, data, tmp_pa
     res = get_target("cpu").compile(
         built.model_dir, precision="int8", dataset=ds, split=split, out=tmp_path / "ac.edgeskin",
         calibration=read_calibration_set(built.calib_file), force=True, threads=1,
-        quantize=QuantizeOptions(max_drop=0.01, control_metric=metric))
+        quantize=QuantizeOptions(max_drop=0.01, control_metric=metric, range_estimator="mean_minmax"))
     q = res.manifest.provenance["quantization"]
     assert q["mode"] == "accuracy-control" and q["options"]["control_metric"] == metric
     assert q["options"]["max_drop"] == 0.01

@@ -21,8 +21,15 @@ log = logging.getLogger(__name__)
 
 BIAS_CORRECTIONS = ("none", "fast", "full")
 #: what ``range_estimator = "auto"`` tries, in order (ties keep the first)
-AUTO_ESTIMATORS = ("mean_minmax", "minmax")
-RANGE_ESTIMATORS = ("auto", "mean_minmax", "minmax", "median_minmax", "mean_no_outliers_minmax", "mean_quantile", "histogram")
+AUTO_ESTIMATORS = ("max_p95", "minmax")
+#: ``max_pNN``: each activation range is the NN-th percentile, over the calibration images, of each
+#: image's largest |value| in that tensor; between NNCF's ``mean_minmax`` (the mean of those maxima,
+#: which clips every image above it) and ``minmax`` (their maximum, whose few outlier images coarsen
+#: the steps for all the others). NNCF places the quantizers (with ``minmax``); edgeskin then sets
+#: their scales (:func:`set_image_max_ranges`).
+IMAGE_MAX_ESTIMATORS = {"max_p90": 0.90, "max_p95": 0.95, "max_p99": 0.99}
+RANGE_ESTIMATORS = ("auto", "mean_minmax", "minmax", *IMAGE_MAX_ESTIMATORS, "median_minmax", "mean_no_outliers_minmax",
+                    "mean_quantile", "histogram")
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,13 @@ class QuantizeOptions:
     #: keep the first convolution in float (it sees the normalised image, whose quantization
     #: costs this model the most agreement of any single layer)
     first_conv_float: bool = False
-    #: activation ranges; NNCF's own default is mean_minmax (mean over samples of each sample's
-    #: min/max), which is less hostage to rare outliers than the global minmax. ``auto``: the
-    #: ONNX targets try :data:`AUTO_ESTIMATORS` and keep the best on the validation split
-    #: (measured: neither is better for every model; see benchmarks/results/int8_search.md)
-    range_estimator: str = "mean_minmax"
+    #: activation ranges. ``max_p95`` (:data:`IMAGE_MAX_ESTIMATORS`): measured on held-out training
+    #: images of two students (benchmarks/results/int8_ranges.md), it flipped fewer decisions than
+    #: NNCF's own default ``mean_minmax`` (which clips every image above the mean of the images'
+    #: maxima) and than ``minmax`` (whose few outlier images coarsen every other image's steps), or
+    #: as few. ``auto``: the ONNX targets try :data:`AUTO_ESTIMATORS` and keep the best on the
+    #: validation split
+    range_estimator: str = "max_p95"
     overflow_fix: str = "disable"
     #: accuracy-controlled mode: maximum drop (absolute, 0-1) of the validation metric
     max_drop: float | None = None
@@ -122,10 +131,16 @@ def quantize_onnx(
         convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
         names += [c for c in convs[:1] if c not in names]
     ignored = nncf.IgnoredScope(names=names, types=types, validate=False) if (names or types) else None
+    image_max = IMAGE_MAX_ESTIMATORS.get(options.range_estimator)
+    if image_max is not None and options.max_drop is not None:
+        raise ConfigError(f"range estimator {options.range_estimator} cannot be combined with accuracy-controlled INT8 "
+                          "(NNCF would rank the layers with other ranges than the ones shipped)",
+                          "drop --max-drop, or choose an NNCF estimator such as mean_minmax or minmax")
     adv = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix(options.overflow_fix),
         disable_bias_correction=options.bias_correction == "none",
-        activations_range_estimator_params=getattr(RangeEstimatorParametersSet, options.range_estimator.upper()),
+        activations_range_estimator_params=getattr(
+            RangeEstimatorParametersSet, "MINMAX" if image_max is not None else options.range_estimator.upper()),
     )
     preset = nncf.QuantizationPreset.PERFORMANCE if options.preset == "performance" else nncf.QuantizationPreset.MIXED
     cal = nncf.Dataset(list(calibration), lambda x: {input_name: x})
@@ -136,8 +151,12 @@ def quantize_onnx(
         from ..quiet import third_party_output
 
         with third_party_output():  # NNCF's INFO lines and progress bars (shown with --verbose)
-            return _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,
-                        AdvancedAccuracyRestorerParameters)
+            q, record = _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_name, validation,
+                             AdvancedAccuracyRestorerParameters)
+        if image_max is not None:
+            record["image_max_ranges"] = set_image_max_ranges(q, model, list(calibration)[:subset], image_max,
+                                                              input_name=input_name)
+        return q, record
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a toolchain failure becomes a clear error
@@ -172,3 +191,66 @@ def _run(nncf, model, cal, options, preset, subset, ignored, adv, record, input_
         advanced_quantization_parameters=adv, advanced_accuracy_restorer_parameters=restorer)
     record["mode"] = "accuracy-control"
     return q, record
+
+
+def set_image_max_ranges(q: Any, fp32: Any, calibration: Sequence[np.ndarray], percentile: float, *,
+                         input_name: str = "input", batch: int = 8) -> dict[str, Any]:
+    """Set, in place, the scale of every symmetric activation quantizer of the QDQ graph ``q`` so
+    that its range is the ``percentile`` (0-1) of the calibration images' largest |value| in that
+    tensor, measured on the FP32 graph ``fp32`` that ``q`` was quantized from.
+
+    Only quantizers with zero point 0 are set (UINT8: scale = range / 255; INT8: range / 127, as
+    NNCF's symmetric quantizers); the Q node and its DequantizeLinear nodes get one new scale
+    tensor, so they always agree. Asymmetric quantizers (NNCF's ``mixed`` preset) keep NNCF's range.
+    Returns a record: the percentile and how many quantizers were set and kept."""
+    onnx = require("onnx", extra="compress", purpose="INT8 quantization")
+    ort = require("onnxruntime", extra="runtime", purpose="measuring activation ranges")
+    from onnx import numpy_helper
+
+    from .fallback import activation_pairs
+
+    pairs = activation_pairs(q)
+    inits = {i.name: i for i in q.graph.initializer}
+    nodes = {n.name: n for n in q.graph.node}
+    graph_inputs = {i.name for i in fp32.graph.input}
+    tensors = [p.tensor for p in pairs if p.tensor not in graph_inputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fp32)
+    have = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in have:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    maxima: dict[str, list[np.ndarray]] = {p.tensor: [] for p in pairs}
+    for i in range(0, len(calibration), batch):
+        x = np.concatenate([np.asarray(c, dtype=np.float32) for c in calibration[i : i + batch]])
+        outs = dict(zip(tensors, sess.run(tensors, {input_name: x}))) if tensors else {}
+        outs.update({t: x for t in graph_inputs if t in maxima})
+        for t, v in outs.items():
+            maxima[t].append(np.abs(v).reshape(len(v), -1).max(axis=1))
+    set_, kept = 0, 0
+    for p in pairs:
+        qn = nodes[p.q]
+        zp = numpy_helper.to_array(inits[qn.input[2]]) if len(qn.input) > 2 and qn.input[2] in inits else None
+        if zp is not None and np.any(zp != 0) or not maxima[p.tensor]:
+            kept += 1
+            continue
+        top = float(np.quantile(np.concatenate(maxima[p.tensor]), percentile))
+        if not top > 0:
+            kept += 1
+            continue
+        levels = 127.0 if zp is not None and zp.dtype == np.int8 else 255.0
+        name = f"{p.tensor}_image_max_scale"
+        arr = numpy_helper.from_array(np.asarray(top / levels, dtype=np.float32), name)
+        if name in inits:
+            inits[name].CopyFrom(arr)
+        else:
+            q.graph.initializer.append(arr)
+            inits[name] = arr
+        for n in (qn, *(nodes[d] for d in p.dqs)):
+            n.input[1] = name
+        set_ += 1
+    return {"percentile": percentile, "of": "each calibration image's largest |activation|",
+            "quantizers_set": set_, "quantizers_kept": kept, "images": len(calibration)}

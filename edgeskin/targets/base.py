@@ -167,8 +167,9 @@ def verify_and_write(
             raise CompileError(
                 f"the compiled {manifest.target}/{manifest.precision} model misses its budget on the validation "
                 f"split: {'; '.join(check['failures'])}",
-                "no bundle was written; try accuracy-controlled quantization (--max-drop-int8), more calibration "
-                "images, or pass --force to ship it anyway (the manifest will say so)",
+                "no bundle was written; try --range-estimator auto (cpu, jetson), --float-fallback 0.98, "
+                "accuracy-controlled quantization (--max-drop-int8 with --range-estimator mean_minmax), more "
+                "calibration images, or pass --force to ship it anyway (the manifest will say so)",
             )
         forced = True
     check["forced"] = forced

@@ -20,7 +20,7 @@ OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "preset": ("performance", ("cpu", "jetson")),
     "ignore": ((), ("cpu", "jetson")),
     "head_float": (True, ("cpu", "jetson")),
-    "range_estimator": ("mean_minmax", ("cpu", "jetson")),
+    "range_estimator": ("max_p95", ("cpu", "jetson")),
     "max_drop_int8": (None, ("cpu", "jetson")),
     "float_fallback": (None, ("cpu", "jetson")),
     "fallback_max_layers": (12, ("cpu", "jetson")),
@@ -30,7 +30,7 @@ OPTIONS: dict[str, tuple[Any, tuple[str, ...] | None]] = {
     "jetpack": (None, ("jetson",)),
     "layout": ("NHWC", ("tflite",)),
     "int8_adds": (False, ("tflite",)),
-    "observer": ("mean_minmax", ("tflite",)),
+    "observer": ("max_p95", ("tflite",)),
     "input_type": ("uint8", ("tflite",)),
     "output_kind": ("probabilities", ("tflite",)),
 }
@@ -122,9 +122,11 @@ HELP: dict[str, str] = {
     "preset": "NNCF preset: performance | mixed.",
     "ignore": "Node name (or type:OpType) to keep in float. Repeatable.",
     "head_float": "Keep the classifier layer in float.",
-    "range_estimator": "Activation ranges: mean_minmax (NNCF default) | minmax | median_minmax | "
-                       "mean_no_outliers_minmax | mean_quantile | histogram | auto (quantize with mean_minmax and "
-                       "with minmax, keep the one that agrees more with FP32 on val; about twice the time).",
+    "range_estimator": "Activation ranges: max_p95 (the default: the 95th percentile over calibration images of each "
+                       "image's largest value; max_p90 | max_p99 likewise) | mean_minmax (NNCF's default: their mean) "
+                       "| minmax (their maximum) | median_minmax | mean_no_outliers_minmax | mean_quantile | histogram | "
+                       "auto (quantize with max_p95 and with minmax, keep the one that agrees more with FP32 on val; "
+                       "about twice the time).",
     "max_drop_int8": "Accuracy-controlled INT8: keep the most sensitive layers in float until the control metric "
                      "on val drops at most this (0-1).",
     "float_fallback": "Keep the most damaging activation quantizers in float until top-1 agreement with FP32 on val "
@@ -138,8 +140,9 @@ HELP: dict[str, str] = {
     "jetpack": "JetPack release of the Jetson (default: the profile's), which fixes TensorRT and the opset.",
     "layout": "Input layout NHWC (phones) | NCHW.",
     "int8_adds": "Quantize the residual additions too (all-integer graph for NPU delegates).",
-    "observer": "Activation ranges for int8: mean_minmax (moving average of each image's min/max; the default) | "
-                "histogram (litert's default) | minmax.",
+    "observer": "Activation ranges for int8: max_p95 (the default: the 95th percentile over calibration images of "
+                "each image's max, and the 5th of each image's min; max_p90 | max_p99 likewise) | mean_minmax "
+                "(moving average of each image's min/max) | histogram (litert's default) | minmax.",
     "input_type": "What the phone model takes: uint8 (RGB pixels 0-255, normalised inside the model; what MediaPipe "
                   "and apps feed; the default) | normalized (the normalised tensor: float32, or int8 with the "
                   "model's own scale/zero point when the first convolution is quantized; custom pipelines).",

@@ -33,6 +33,7 @@ The compiled model is checked through the runtime against FP32 like every target
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +52,10 @@ from .prepare import calibration_inputs, model_provenance, select_member
 from .registry import register
 
 LAYOUTS = ("NHWC", "NCHW")
-OBSERVERS = ("histogram", "minmax", "mean_minmax")
+#: ``max_pNN``: the NN-th percentile over calibration images of each image's min and max (the
+#: ONNX targets' estimators of the same names; :func:`_image_percentile_observer`)
+IMAGE_MAX_OBSERVERS = {"max_p90": 0.90, "max_p95": 0.95, "max_p99": 0.99}
+OBSERVERS = ("histogram", "minmax", "mean_minmax", *IMAGE_MAX_OBSERVERS)
 #: ``uint8``: RGB pixels 0-255, normalised inside the model (what MediaPipe and apps feed);
 #: ``normalized``: the normalised tensor (float32, or int8 with the model's own quantization
 #: parameters for an int8 model whose first convolution is quantized), for custom pipelines
@@ -216,10 +220,46 @@ def _quantization_config(observer: str) -> Any:
 
     if observer == "minmax":  # global min/max: fast, hostage to rare outliers
         ctr = MinMaxObserver.with_args(eps=2**-12)
+    elif observer in IMAGE_MAX_OBSERVERS:
+        ctr = _image_percentile_observer().with_args(eps=2**-12, percentile=IMAGE_MAX_OBSERVERS[observer])
     else:  # mean_minmax: a slow moving average of each image's min/max (NNCF's default estimator)
         ctr = MovingAverageMinMaxObserver.with_args(averaging_constant=0.01, eps=2**-12)
     act = dataclasses.replace(cfg.input_activation, observer_or_fake_quant_ctr=ctr)
     return dataclasses.replace(cfg, input_activation=act, output_activation=act)
+
+
+@functools.lru_cache(maxsize=None)
+def _image_percentile_observer() -> Any:
+    """A torchao observer whose range is a percentile, over the calibration batches (one image each
+    in compile), of each batch's max, and the complementary percentile of each batch's min: between
+    ``mean_minmax`` (clips every image above the mean) and ``minmax`` (coarse steps for all images
+    when a few are outliers). Defined on first use so that importing this module needs no torchao."""
+    import torch
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    class ImagePercentileObserver(MinMaxObserver):
+        def __init__(self, *args: Any, percentile: float = 0.95, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.percentile = float(percentile)
+            self.batch_mins: list[float] = []
+            self.batch_maxs: list[float] = []
+
+        def forward(self, x_orig: Any) -> Any:
+            if x_orig.numel():
+                lo, hi = torch.aminmax(x_orig.detach().float())
+                self.batch_mins.append(float(lo))
+                self.batch_maxs.append(float(hi))
+            return super().forward(x_orig)
+
+        def calculate_qparams(self) -> Any:
+            if self.batch_maxs:  # (the global min/max stay where nothing was observed)
+                lo = float(np.quantile(self.batch_mins, 1.0 - self.percentile))
+                hi = float(np.quantile(self.batch_maxs, self.percentile))
+                self.min_val.copy_(torch.tensor(lo))
+                self.max_val.copy_(torch.tensor(hi))
+            return self._calculate_qparams(self.min_val, self.max_val)
+
+    return ImagePercentileObserver
 
 
 def load_qat_program(path: str | os.PathLike) -> Any:
@@ -369,7 +409,7 @@ class TfliteTarget(Target):
         layout: str = "NHWC",
         int8_adds: bool = False,
         first_conv_float: bool = False,
-        observer: str = "mean_minmax",
+        observer: str = "max_p95",
         input_type: str = "uint8",
         output_kind: str = "probabilities",
         subset_size: int = 512,

@@ -131,9 +131,10 @@ class QatConfig:
         object.__setattr__(self, "target", qat_target(self.target))
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown QAT objective {self.objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
-        from ..quantize.nncf_int8 import RANGE_ESTIMATORS
+        from ..quantize.nncf_int8 import IMAGE_MAX_ESTIMATORS, RANGE_ESTIMATORS
 
-        estimators = [e for e in RANGE_ESTIMATORS if e != "auto"]  # compile resolves auto on validation
+        # compile resolves auto on validation; the max_pNN ranges are set after NNCF, which QAT does not take
+        estimators = [e for e in RANGE_ESTIMATORS if e != "auto" and e not in IMAGE_MAX_ESTIMATORS]
         if self.range_estimator not in estimators:
             raise ConfigError(f"unknown QAT range estimator {self.range_estimator!r}",
                               f"choose one of: {', '.join(estimators)}")
