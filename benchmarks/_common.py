@@ -76,6 +76,25 @@ def training_halves(model: Path, split_path: Path, data: Path, *, member: str | 
     return prep, xt, perm[: len(perm) // 2], perm[len(perm) // 2 :]
 
 
+def heldout_study(a: argparse.Namespace) -> tuple[Any, ...]:
+    """What the held-out INT8 studies (qat_heldout.py, int8_ranges.py) start from, given the
+    options of :func:`student_run_args` plus ``--member`` and ``--threads``: (model directory,
+    prepared FP32 model, training images, calibration half, measurement half, the FP32 ONNX graph,
+    the image sets measured (``train_heldout`` and ``val``) and a :class:`MarginProbe` of their FP32
+    logits)."""
+    import onnx
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model = a.model or a.run / "student"
+    prep, xt, pool, held = training_halves(model, a.split or a.run / "split.csv", a.data, member=a.member,
+                                           threads=a.threads)
+    base = onnx.load(prep.onnx_path)
+    sets = {"train_heldout": xt[held], "val": prep.val_inputs}
+    probe = MarginProbe({k: ort_logits(base.SerializeToString(), x, threads=a.threads) for k, x in sets.items()})
+    return model, prep, xt, pool, held, base, sets, probe
+
+
 def ort_logits(model_bytes: bytes, x: Any, *, threads: int = 2) -> Any:
     """A graph's logits for ``x`` through edgeskin's ONNX Runtime backend, 64 images at a time."""
     import numpy as np

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import MarginProbe, litert_logits, ort_logits, recipe_ptq_options, student_run_args, training_halves
+from _common import heldout_study, litert_logits, ort_logits, recipe_ptq_options, student_run_args
 
 
 def main() -> None:
@@ -38,21 +38,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_ranges.json"))
     a = ap.parse_args()
 
-    import onnx
-    import torch
-
     from edgeskin.fileio import write_json
     from edgeskin.models import load_ensemble
     from edgeskin.quantize import quantize_onnx
     from edgeskin.quantize.tensorrt import to_tensorrt_int8
 
-    torch.set_num_threads(a.threads)
-    model = a.model or a.run / "student"
-    split_path = a.split or a.run / "split.csv"
-    prep, xt, pool, held = training_halves(model, split_path, a.data, member=a.member, threads=a.threads)
-    base = onnx.load(prep.onnx_path)
-    sets = {"train_heldout": xt[held], "val": prep.val_inputs}
-    probe = MarginProbe({k: ort_logits(base.SerializeToString(), x, threads=a.threads) for k, x in sets.items()})
+    model, prep, xt, pool, held, base, sets, probe = heldout_study(a)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     ck = next(m for m in load_ensemble(model) if m.sha256 == prep.sha256) if "tflite" in targets else None
 
@@ -77,7 +68,7 @@ def main() -> None:
                                                                 int(xt.shape[-1])))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write_json(a.out, {"model": str(model), "member": a.member, "split": str(split_path),
+    write_json(a.out, {"model": str(model), "member": a.member, "split": str(a.split or a.run / "split.csv"),
                        "eval_sets": {k: len(x) for k, x in sets.items()}, "calibration_images": 512, "rows": rows,
                        "note": "flipped top-1 decisions against FP32; test split not read; calibration drawn from "
                                "the training half not evaluated"})

@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MarginProbe, litert_logits, ort_logits, recipe_ptq_options, student_run_args,  # noqa: E402
-                     training_halves)
+from _common import heldout_study, litert_logits, ort_logits, recipe_ptq_options, student_run_args  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +53,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/qat_heldout.json"))
     a = ap.parse_args()
 
-    import onnx
     import torch
 
     from edgeskin.fileio import write_json
@@ -64,17 +62,11 @@ def main() -> None:
     from edgeskin.targets.tflite import load_qat_program
     from edgeskin.train.qat import QatConfig, export_pt2, export_qdq, train_qat
 
-    torch.set_num_threads(a.threads)
-    model = a.model or a.run / "student"
+    model, prep, xt, pool, held, base, sets, probe = heldout_study(a)
     split_path = a.split or a.run / "split.csv"
-    prep, xt, pool, held = training_halves(model, split_path, a.data, member=a.member, threads=a.threads)
-    base = onnx.load(prep.onnx_path)
     ck = next(m for m in load_ensemble(model) if m.sha256 == prep.sha256)  # the member prepared
     size = int(xt.shape[-1])
     arch = ck.config["arch"]
-
-    sets = {"train_heldout": xt[held], "val": prep.val_inputs}
-    probe = MarginProbe({k: ort_logits(base.SerializeToString(), x, threads=a.threads) for k, x in sets.items()})
 
     def measure(model_bytes: bytes, runner: object = ort_logits) -> dict[str, dict[str, float]]:
         out = {}

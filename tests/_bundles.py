@@ -54,6 +54,7 @@ def shared(tmp_path_factory) -> Built:  # noqa: ANN001
     import torch
 
     from edgeskin.calibration import make_calibration_set, write_calibration_set
+    from edgeskin.quantize import QuantizeOptions
     from edgeskin.data import load_dataset, make_split, write_split
     from edgeskin.targets import get_target
 
@@ -71,8 +72,13 @@ def shared(tmp_path_factory) -> Built:  # noqa: ANN001
     cpu = get_target("cpu")
     fp32 = cpu.compile(model_dir, precision="fp32", dataset=ds, split=split, out=root / "fp32.edgeskin",
                        threads=1)
+    # NNCF's mean_minmax ranges, as this fixture has always had: with 32 calibration images the
+    # default max_p95 (the 95th percentile of the images' maxima) is the second largest maximum,
+    # nearly minmax, and this random model's INT8 then flips one of its 7 validation images, past the
+    # budget; tests that need a bundle within budget use this one (max_p95: test_image_max_ranges.py)
     int8 = cpu.compile(model_dir, precision="int8", dataset=ds, split=split, out=root / "int8.edgeskin",
-                       calibration=cal, force=True, threads=1)
+                       calibration=cal, force=True, threads=1,
+                       quantize=QuantizeOptions(range_estimator="mean_minmax"))
     built = Built(root, data, split_file, model_dir, ck, calib_file, fp32.bundle, int8.bundle, fp32, int8)
     _CACHE["built"] = built
     return built
